@@ -1,0 +1,383 @@
+"""Typed, validated configuration.
+
+YAML is read into the dataclasses below. Every value is checked against its annotation; unknown keys, wrong types
+and bad values raise :class:`ConfigError` naming the key path (``download.per_host_connections: expected an
+integer, got 'four'``). ``--set key.path=value`` overrides are applied to the raw YAML tree before validation, so
+they are checked exactly like file values.
+
+Each stage owns one section dataclass. Range checks live in a section's ``check()`` method, which returns
+``(key, message)`` pairs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from artsim.errors import ConfigError
+
+SOURCE_KINDS = ("table", "met_api_json", "met_csv", "smk_json", "europeana_json", "iiif_manifest")
+STAGES = ("ingest", "download", "embed", "mine", "train", "index", "links", "report")
+
+
+@dataclass
+class RunConfig:
+    root: str = "artifacts/demo"  # URI of the run directory: local path, file://, or s3://bucket/prefix
+
+
+@dataclass
+class StorageConfig:
+    s3_endpoint_url: Optional[str] = None  # S3-compatible endpoint; credentials from the usual AWS env vars
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None  # null: start a local Ray; otherwise e.g. "auto"
+    num_cpus: Optional[int] = None  # only for a local Ray started by artsim
+
+    def check(self):
+        if self.num_cpus is not None and self.num_cpus < 1:
+            yield "num_cpus", "must be at least 1"
+
+
+@dataclass
+class SourceConfig:
+    kind: Literal["table", "met_api_json", "met_csv", "smk_json", "europeana_json", "iiif_manifest"]
+    path: str  # URI of the source file (or a directory / glob of files for the JSON kinds)
+    collection: str  # prefix of object_id
+    mapping: dict[str, str] = field(default_factory=dict)  # kind=table: canonical field <- source column
+    # Rewrites image_url from the record's canonical fields, e.g. "http://mirror/{local_id}.jpg" (mirrors, demo).
+    image_url_template: Optional[str] = None
+    license: Optional[str] = None  # licence to assume where the source gives none
+
+    def check(self):
+        if not self.collection or ":" in self.collection:
+            yield "collection", "must be a non-empty name without ':'"
+        if self.mapping and self.kind != "table":
+            yield "mapping", "only kind=table takes a mapping"
+
+
+@dataclass
+class DownloadConfig:
+    image_size: int = 384  # longest side after resize
+    allow_private_addresses: bool = False
+    allow_hosts: list[str] = field(default_factory=list)  # hosts/IPs exempt from the private-address block
+    per_host_connections: int = 4  # concurrent connections per host, across the whole job
+    per_host_requests_per_second: float = 10.0  # across the whole job
+    timeout_s: float = 20.0  # per request (connect + read)
+    max_bytes: int = 50_000_000  # per response body
+    max_pixels: int = 100_000_000  # decoded pixels (decompression bombs)
+    max_redirects: int = 5
+    retries: int = 3  # for retryable failures (5xx, 429, timeouts, connection errors)
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 60.0
+    circuit_breaker_failures: int = 20  # consecutive failures that pause a host
+    user_agent: str = "artsim/0.1 (+https://github.com/artsim/artsim; artsim@example.org)"
+    format: Literal["jpeg", "webp"] = "jpeg"
+    quality: int = 90
+    respect_robots_txt: bool = True
+    respect_x_robots_tag: bool = True
+    allowed_licenses: list[str] = field(default_factory=list)  # empty: every licence
+    allow_local_files: bool = False  # file:// and s3:// image URLs
+    shard_size: int = 1000  # records per output shard
+    fetch_threads: int = 32  # concurrent fetches inside one task
+    iiif_rendition: bool = True  # fetch a server-side resized IIIF rendition when a service is known
+
+    def check(self):
+        if self.image_size < 16:
+            yield "image_size", "must be at least 16"
+        if self.per_host_connections < 1:
+            yield "per_host_connections", "must be at least 1"
+        if self.per_host_requests_per_second <= 0:
+            yield "per_host_requests_per_second", "must be positive"
+        if self.timeout_s <= 0:
+            yield "timeout_s", "must be positive"
+        if not 1 <= self.quality <= 100:
+            yield "quality", "must be between 1 and 100"
+        if self.shard_size < 1:
+            yield "shard_size", "must be at least 1"
+        if self.fetch_threads < 1:
+            yield "fetch_threads", "must be at least 1"
+        if self.retries < 0:
+            yield "retries", "must be 0 or more"
+        if not 0 <= self.max_redirects <= 20:
+            yield "max_redirects", "must be between 0 and 20"
+
+
+@dataclass
+class EmbedConfig:
+    model: str = "resnet50"  # a torchvision model name
+    weights: Optional[str] = None  # torchvision weights name, artifact URI, or null = random init
+    batch_size: int = 32
+    num_actors: int = 1  # model replicas in the actor pool
+    num_gpus: float = 0.0  # per actor; 0 runs on CPU
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # autocast on GPU; CPU always runs fp32
+    dtype: Literal["float16", "float32"] = "float32"  # stored vector type
+    seed: int = 0  # random init (weights: null) is seeded so that runs agree
+
+    def check(self):
+        if self.batch_size < 1:
+            yield "batch_size", "must be at least 1"
+        if self.num_actors < 1:
+            yield "num_actors", "must be at least 1"
+        if self.num_gpus < 0:
+            yield "num_gpus", "must be 0 or more"
+
+
+@dataclass
+class MineConfig:
+    num_triplets: int = 10_000
+    # strategy name -> weight; see artsim/mine.py for the list
+    strategies: dict[str, float] = field(default_factory=lambda: {"shared_terms": 1.0, "text": 1.0})
+    same_collection: bool = False
+    annotations: Optional[str] = None  # CSV of curator annotations: anchor, similar[, dissimilar]
+    seed: int = 0
+
+    def check(self):
+        if self.num_triplets < 1:
+            yield "num_triplets", "must be at least 1"
+        for name, weight in self.strategies.items():
+            if weight < 0:
+                yield f"strategies.{name}", "weight must be 0 or more"
+
+
+@dataclass
+class TrainConfig:
+    name: str = "similarity"
+    mode: Literal["head", "finetune"] = "head"
+    num_workers: int = 2
+    use_gpu: bool = False
+    epochs: int = 5
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    margin: float = 0.2
+    mining: Literal["none", "batch_hard", "semi_hard"] = "none"
+    head_dim: int = 256
+    validation_fraction: float = 0.2
+    seed: int = 0
+
+    def check(self):
+        if self.num_workers < 1:
+            yield "num_workers", "must be at least 1"
+        if self.epochs < 1:
+            yield "epochs", "must be at least 1"
+        if not 0 < self.margin < 2:
+            yield "margin", "must be in (0, 2) for cosine distance"
+        if not 0 <= self.validation_fraction < 1:
+            yield "validation_fraction", "must be in [0, 1)"
+
+
+@dataclass
+class IndexConfig:
+    name: Optional[str] = None  # index/<name>/; default: the embedding model key
+    facets: list[str] = field(default_factory=lambda: ["collection", "creator", "culture", "object_type"])
+    factory: Optional[str] = None  # FAISS factory string; null chooses from N, dimension and memory budget
+    num_shards: int = 1
+    memory_budget_gb: float = 4.0
+    target_recall: float = 0.95
+
+    def check(self):
+        if self.num_shards < 1:
+            yield "num_shards", "must be at least 1"
+        if not 0 < self.target_recall <= 1:
+            yield "target_recall", "must be in (0, 1]"
+
+
+@dataclass
+class LinksConfig:
+    k: int = 10
+    include_own_collection: bool = False
+
+    def check(self):
+        if self.k < 1:
+            yield "k", "must be at least 1"
+
+
+@dataclass
+class ReportConfig:
+    name: str = "report"
+    example_queries: int = 3
+
+
+@dataclass
+class PipelineConfig:
+    stages: list[str] = field(default_factory=lambda: ["ingest", "download", "embed", "index", "links", "report"])
+
+    def check(self):
+        for i, stage in enumerate(self.stages):
+            if stage not in STAGES:
+                yield f"stages.{i}", f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}"
+
+
+@dataclass
+class Config:
+    sources: list[SourceConfig] = field(default_factory=list)
+    run: RunConfig = field(default_factory=RunConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    mine: MineConfig = field(default_factory=MineConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    links: LinksConfig = field(default_factory=LinksConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+def _describe(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else f"{type(value).__name__} {value!r}"
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if value is None:
+            raise ConfigError(path, "must not be null")
+        return _convert(value, inner[0], path)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(path, f"expected one of {', '.join(map(str, args))}, got {_describe(value)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(path, f"expected a list, got {_describe(value)}")
+        return [_convert(v, args[0], f"{path}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"expected a mapping, got {_describe(value)}")
+        return {_convert(k, args[0], path): _convert(v, args[1], f"{path}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if value is None:
+        raise ConfigError(path, "must not be null")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(path, f"expected true or false, got {_describe(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(path, f"expected an integer, got {_describe(value)}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(path, f"expected a number, got {_describe(value)}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(path, f"expected a string, got {_describe(value)}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {path}")  # a bug in this module, not user input
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(path or "config", f"expected a mapping, got {_describe(data)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            known = ", ".join(fields)
+            raise ConfigError(_join(path, str(key)), f"unknown key (known keys here: {known})")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], _join(path, name))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(_join(path, name), "required key is missing")
+    obj = cls(**kwargs)
+    check = getattr(obj, "check", None)
+    if check is not None:
+        for key, message in check():
+            raise ConfigError(_join(path, key), message)
+    return obj
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def apply_override(tree: dict, assignment: str) -> None:
+    """Apply one ``key.path=value`` to a raw config tree; the value is parsed as YAML (``4``, ``true``, ``[a, b]``)."""
+    if "=" not in assignment:
+        raise ConfigError(assignment, "--set expects key.path=value")
+    key_path, raw = assignment.split("=", 1)
+    keys = key_path.strip().split(".")
+    if not all(keys):
+        raise ConfigError(key_path, "empty key in --set path")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(key_path, f"cannot parse value {raw!r}: {exc}") from None
+    node: Any = tree
+    for depth, key in enumerate(keys[:-1]):
+        here = ".".join(keys[: depth + 1])
+        if isinstance(node, list):
+            node = node[_list_index(node, key, here)]
+        else:
+            if node.get(key) is None:
+                node[key] = {}
+            node = node[key]
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(here, f"is a {type(node).__name__}, cannot set a key inside it")
+    last = keys[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, key_path)] = value
+    else:
+        node[last] = value
+
+
+def _list_index(node: list, key: str, path: str) -> int:
+    try:
+        index = int(key)
+    except ValueError:
+        raise ConfigError(path, f"expected a list index, got {key!r}") from None
+    if not 0 <= index < len(node):
+        raise ConfigError(path, f"index {index} out of range (the list has {len(node)} entries)")
+    return index
+
+
+def config_from_dict(tree: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    import copy
+
+    tree = copy.deepcopy(tree) if tree else {}
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    return _build(Config, tree, "")
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config file (local path) and apply ``--set`` overrides; raises ConfigError on any problem."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(str(path), "config file not found")
+    try:
+        tree = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), f"not valid YAML: {exc}") from None
+    if tree is not None and not isinstance(tree, dict):
+        raise ConfigError(str(path), "the top level must be a mapping")
+    tree = tree or {}
+    # Relative source paths are relative to the working directory (as `ray job submit --working-dir .` expects).
+    return config_from_dict(tree, overrides)

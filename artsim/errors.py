@@ -1,0 +1,17 @@
+"""Errors that reach the user as one line and exit status 2 (bad config, bad input file)."""
+
+
+class ArtsimError(Exception):
+    """A user-facing error: bad input, not a bug. The CLI prints it on one line and exits 2."""
+
+
+class ConfigError(ArtsimError):
+    """A config value is wrong; the message starts with the key path (e.g. ``download.image_size: ...``)."""
+
+    def __init__(self, path: str, message: str):
+        self.path = path
+        super().__init__(f"{path}: {message}" if path else message)
+
+
+class IntegrityError(ArtsimError):
+    """A stored artifact does not match its recorded checksum (tampered or truncated)."""

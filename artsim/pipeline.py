@@ -1,0 +1,34 @@
+"""Runs the configured stages in order and prints one summary at the end."""
+from __future__ import annotations
+
+import json
+
+from artsim.console import say, table
+from artsim.runtime import RunContext, StageTimer, ensure_ray
+from artsim.stages import stage_function
+
+
+def run_stage(ctx: RunContext, name: str, **options) -> dict:
+    ensure_ray(ctx.config)
+    ctx.save_config()
+    say(f"stage {name}: starting (run directory {ctx.paths.root})")
+    summary = stage_function(name)(ctx, **options) or {}
+    ctx.storage.write_json(f"{ctx.paths.summaries}/{name}.json", summary)
+    return summary
+
+
+def run_pipeline(ctx: RunContext, **options) -> dict:
+    timer = StageTimer()
+    summaries = {}
+    for name in ctx.config.pipeline.stages:
+        stage_options = {k: v for k, v in options.items() if k == "retry_failed" and name == "download"}
+        summaries[name] = timer.run(name, run_stage, ctx, name, **stage_options)
+    say("pipeline finished")
+    table(["stage", "seconds", "summary"],
+          [(n, f"{timer.times[n]:.1f}", _short(summaries[n])) for n in summaries])
+    return {"stages": summaries, "seconds": timer.times}
+
+
+def _short(summary: dict) -> str:
+    text = json.dumps({k: v for k, v in summary.items() if not isinstance(v, (dict, list))}, default=str)
+    return text if len(text) < 110 else text[:107] + "..."

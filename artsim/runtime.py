@@ -1,0 +1,61 @@
+"""What every stage receives: the validated config, storage, the run directory's paths, and a Ray connection."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+from artsim.config import Config
+from artsim.storage import RunPaths, Storage
+
+log = logging.getLogger("artsim")
+
+
+@dataclass
+class RunContext:
+    config: Config
+    storage: Storage = field(init=False)
+    paths: RunPaths = field(init=False)
+
+    def __post_init__(self):
+        self.storage = Storage(self.config.storage)
+        self.paths = RunPaths(self.config.run.root)
+
+    def save_config(self) -> None:
+        """Record the effective config (after --set overrides) in the run directory."""
+        self.storage.write_text(self.paths.config, self.config.to_yaml())
+
+
+def ensure_ray(config: Config) -> None:
+    """Connect to Ray as the config says; reuse a connection that already exists (tests share one Ray)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Ray's own progress bars are noisy in logs of batch jobs; artsim prints its own progress and summaries.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    env = {}
+    if config.storage.s3_endpoint_url:
+        env["AWS_ENDPOINT_URL"] = config.storage.s3_endpoint_url
+    kwargs = dict(ignore_reinit_error=True, log_to_driver=True, include_dashboard=False)
+    if config.ray.address:
+        ray.init(address=config.ray.address, runtime_env={"env_vars": env} if env else None, **kwargs)
+    else:
+        ray.init(num_cpus=config.ray.num_cpus, **kwargs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = os.environ.get("ARTSIM_RAY_PROGRESS", "0") == "1"
+    ctx.print_on_execution_start = False
+
+
+class StageTimer:
+    """Measures a stage's wall time for the end-of-run summary."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+
+    def run(self, name, fn, *args, **kwargs):
+        start = time.perf_counter()
+        result = fn(*args, **kwargs)
+        self.times[name] = time.perf_counter() - start
+        return result

@@ -1,0 +1,62 @@
+"""The canonical tables of the run directory (see DESIGN.md) as pyarrow schemas."""
+from __future__ import annotations
+
+import pyarrow as pa
+
+# One row per artwork. object_id = "<collection>:<local id>".
+RECORD_FIELDS = (
+    "object_id", "collection", "local_id", "image_url", "iiif_service", "title", "creator", "date", "date_begin",
+    "date_end", "culture", "medium", "object_type", "subjects", "concepts", "license", "landing_url",
+    "description", "source",
+)
+LIST_FIELDS = ("subjects", "concepts")
+
+RECORDS_SCHEMA = pa.schema([
+    ("object_id", pa.string()),
+    ("collection", pa.string()),
+    ("local_id", pa.string()),
+    ("image_url", pa.string()),
+    ("iiif_service", pa.string()),  # IIIF Image API service base URL, when known
+    ("title", pa.string()),
+    ("creator", pa.string()),
+    ("date", pa.string()),  # as the source gives it
+    ("date_begin", pa.int32()),  # year, for range filters
+    ("date_end", pa.int32()),
+    ("culture", pa.string()),
+    ("medium", pa.string()),
+    ("object_type", pa.string()),
+    ("subjects", pa.list_(pa.string())),  # free-text terms and tags
+    ("concepts", pa.list_(pa.string())),  # controlled-vocabulary URIs (AAT, Wikidata, Iconclass, Europeana)
+    ("license", pa.string()),  # normalised: CC0, PDM, CC-BY-4.0, ... or the source's URI/text
+    ("landing_url", pa.string()),
+    ("description", pa.string()),
+    ("source", pa.string()),  # source kind that produced the record
+])
+
+# Download outcome vocabulary (DESIGN.md). Retryable ones are refetched by --retry-failed.
+STATUSES = (
+    "ok", "not_found", "http_error", "timeout", "too_large", "not_image", "decode_error", "blocked_address",
+    "robots_disallowed", "opted_out", "license_excluded", "invalid_url",
+)
+RETRYABLE_STATUSES = ("http_error", "timeout")
+
+IMAGES_SCHEMA = pa.schema([
+    ("object_id", pa.string()),
+    ("status", pa.string()),
+    ("http_status", pa.int32()),
+    ("error", pa.string()),
+    ("url_final", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("sha256", pa.string()),
+    ("image", pa.binary()),
+])
+
+
+def empty_record() -> dict:
+    """A record dict with every canonical field present (None / empty lists)."""
+    return {name: ([] if name in LIST_FIELDS else None) for name in RECORD_FIELDS}
+
+
+def records_table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=RECORDS_SCHEMA)
