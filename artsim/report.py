@@ -1,0 +1,307 @@
+"""The `report` stage: one offline HTML page per run (reports/<name>/index.html) for curators and engineers.
+
+It reads what the other stages wrote (records/, images/, embeddings/, links/) and shows: counts per stage, download
+outcomes, a 2-D map of the collection (PCA of the embeddings; thumbnails placed at their coordinates), clusters
+(k-means) with their members, and neighbour sheets (a work and its nearest works in other collections). Everything
+is embedded (thumbnails as data URIs, plots as PNG), so the page opens offline and can be mailed around. Large
+collections are sampled (``_MAX_*`` below) so the page stays small.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import time
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from artsim.console import say
+from artsim.storage import join
+
+_MAX_MAP_POINTS = 600  # thumbnails on the map
+_MAX_SHEETS = 12  # neighbour sheets
+_MAX_CLUSTER_MEMBERS = 10
+_THUMB = 96  # px, longest side of embedded thumbnails
+
+
+def run_report(ctx) -> dict:
+    start = time.perf_counter()
+    storage, paths = ctx.storage, ctx.paths
+    records = storage.read_table(paths.records)
+    meta = {r["object_id"]: r for r in records.select(
+        ["object_id", "collection", "title", "creator", "date", "culture", "object_type", "landing_url"]).to_pylist()}
+
+    images_report = _read_json_or_none(storage, paths.images_report)
+    ingest_report = _read_json_or_none(storage, paths.ingest_report)
+    embeddings_uri, vectors, vector_ids = _latest_embeddings(storage, paths)
+    links_uri, links = _latest_links(storage, paths)
+
+    wanted = set(vector_ids[:_MAX_MAP_POINTS]) if vector_ids else set()
+    if links is not None:
+        sheet_ids = _sheet_objects(links, _MAX_SHEETS)
+        wanted |= set(sheet_ids) | set(links.filter(pc.is_in(links["object_id"], pa.array(sheet_ids)))
+                                        .column("neighbor_id").to_pylist())
+    else:
+        sheet_ids = []
+    thumbs = _thumbnails(storage, paths.images, wanted) if storage.exists(paths.images) else {}
+
+    sections = [_overview_section(ctx, records, images_report, ingest_report, embeddings_uri, links_uri)]
+    if images_report:
+        sections.append(_download_section(images_report))
+    if vectors is not None and len(vector_ids) >= 3:
+        sections.append(_map_section(vectors, vector_ids, meta, thumbs))
+        sections.append(_cluster_section(vectors, vector_ids, meta, thumbs))
+    if links is not None and sheet_ids:
+        sections.append(_sheets_section(links, sheet_ids, meta, thumbs))
+
+    page = _PAGE.format(title=html.escape(f"artsim report — {paths.root}"), body="\n".join(sections),
+                        generated=time.strftime("%Y-%m-%d %H:%M:%S"))
+    out = join(paths.report(ctx.config.report.name), "index.html")
+    storage.write_text(out, page)
+    seconds = time.perf_counter() - start
+    say(f"report: {out} ({len(page) / 1e6:.1f} MB, {seconds:.1f} s)")
+    return {"report_uri": out, "bytes": len(page), "seconds": round(seconds, 2)}
+
+
+# -- inputs ---------------------------------------------------------------------------------------------------------
+
+def _read_json_or_none(storage, uri):
+    return storage.read_json(uri) if storage.exists(uri) else None
+
+
+def _complete_children(storage, uri: str) -> list[str]:
+    return [join(uri, n) for n in storage.list(uri) if not n.startswith((".", "_"))
+            and storage.is_complete(join(uri, n))]
+
+
+def _latest_embeddings(storage, paths):
+    """The most recently written complete embeddings/<model>/ directory, as (uri, matrix, ids)."""
+    candidates = _complete_children(storage, join(paths.root, "embeddings"))
+    if not candidates:
+        return None, None, []
+    uri = max(candidates, key=lambda u: _modified(storage, join(u, "_SUCCESS")))
+    table = storage.read_table(uri, columns=["object_id", "embedding"])
+    ids = table.column("object_id").to_pylist()
+    emb = table.column("embedding").combine_chunks()
+    dim = emb.type.list_size
+    vectors = emb.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
+    return uri, vectors, ids
+
+
+def _modified(storage, uri: str) -> float:
+    fs, path = storage.fs(uri)
+    return fs.modified(path).timestamp()
+
+
+def _latest_links(storage, paths):
+    candidates = _complete_children(storage, join(paths.root, "links"))
+    if not candidates:
+        return None, None
+    uri = max(candidates, key=lambda u: _modified(storage, join(u, "_SUCCESS")))
+    return uri, storage.read_table(uri)
+
+
+def _sheet_objects(links: pa.Table, n: int) -> list[str]:
+    """Objects whose best cross-collection link is strongest: the most convincing sheets come first."""
+    top = links.filter(pc.equal(links["rank"], 1))
+    if top.num_rows == 0:
+        return []
+    order = pc.sort_indices(top, sort_keys=[("score", "descending")])
+    return top.take(order).column("object_id").to_pylist()[:n]
+
+
+def _thumbnails(storage, images_uri: str, wanted: set[str]) -> dict[str, str]:
+    """object_id -> data URI of a small JPEG, for the wanted ids (read shard by shard: memory stays bounded)."""
+    from PIL import Image
+
+    out: dict[str, str] = {}
+    if not wanted:
+        return out
+    for part in storage.parquet_files(images_uri):
+        table = storage.read_table(part, columns=["object_id", "status", "image"])
+        mask = pc.and_(pc.equal(table["status"], "ok"), pc.is_in(table["object_id"], pa.array(sorted(wanted))))
+        for row in table.filter(mask).to_pylist():
+            try:
+                im = Image.open(io.BytesIO(row["image"]))
+                im.draft("RGB", (_THUMB, _THUMB))
+                im = im.convert("RGB")
+                im.thumbnail((_THUMB, _THUMB))
+                buf = io.BytesIO()
+                im.save(buf, "JPEG", quality=80)
+                out[row["object_id"]] = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+            except Exception:  # a bad stored image only loses its thumbnail
+                continue
+    return out
+
+
+# -- sections -------------------------------------------------------------------------------------------------------
+
+def _overview_section(ctx, records, images_report, ingest_report, embeddings_uri, links_uri) -> str:
+    by_collection = records.group_by("collection").aggregate([("object_id", "count")]).to_pylist()
+    rows = "".join(f"<tr><td>{html.escape(str(r['collection']))}</td><td>{r['object_id_count']}</td></tr>"
+                   for r in sorted(by_collection, key=lambda r: str(r["collection"])))
+    ok = (images_report or {}).get("by_status", {}).get("ok")
+    items = [f"<li>run directory: <code>{html.escape(ctx.paths.root)}</code></li>",
+             f"<li>records: {records.num_rows}</li>",
+             f"<li>images downloaded (ok): {ok if ok is not None else 'n/a'}</li>",
+             f"<li>embeddings: <code>{html.escape(str(embeddings_uri))}</code></li>",
+             f"<li>links: <code>{html.escape(str(links_uri))}</code></li>"]
+    ingest = ""
+    if ingest_report:
+        ingest = f"<details><summary>ingest report</summary><pre>{html.escape(json.dumps(ingest_report, indent=2))}</pre></details>"
+    return (f"<h2>Overview</h2><ul>{''.join(items)}</ul>"
+            f"<table><tr><th>collection</th><th>records</th></tr>{rows}</table>{ingest}")
+
+
+def _download_section(report: dict) -> str:
+    by_status = report.get("by_status", {})
+    png = _bar_chart(by_status, "images by download status") if by_status else ""
+    hosts = report.get("by_host") or report.get("hosts") or {}
+    host_rows = ""
+    if isinstance(hosts, dict):
+        for host, counts in list(hosts.items())[:20]:
+            host_rows += f"<tr><td>{html.escape(str(host))}</td><td>{html.escape(json.dumps(counts))}</td></tr>"
+    return (f"<h2>Download</h2>{_img(png)}"
+            f"<table><tr><th>host</th><th>counts</th></tr>{host_rows}</table>"
+            f"<details><summary>full download report</summary><pre>{html.escape(json.dumps(report, indent=2))}"
+            f"</pre></details>")
+
+
+def pca_2d(vectors: np.ndarray) -> np.ndarray:
+    centred = vectors - vectors.mean(axis=0, keepdims=True)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    return centred @ vt[:2].T
+
+
+def _map_section(vectors, ids, meta, thumbs) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xy = pca_2d(vectors)
+    collections = [meta.get(i, {}).get("collection") or "?" for i in ids]
+    fig, ax = plt.subplots(figsize=(7, 6), dpi=110)
+    for name in sorted(set(collections)):
+        sel = [j for j, c in enumerate(collections) if c == name]
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=14, label=name, alpha=0.8)
+    ax.set_title("collection map (PCA of image embeddings)")
+    ax.legend(loc="best", fontsize=8)
+    png = _fig_png(fig)
+    # thumbnail map: absolutely positioned images in a square
+    lo, hi = xy.min(axis=0), xy.max(axis=0)
+    span = np.where(hi - lo > 0, hi - lo, 1.0)
+    tiles = []
+    for j, object_id in enumerate(ids[:_MAX_MAP_POINTS]):
+        if object_id not in thumbs:
+            continue
+        x, y = (xy[j] - lo) / span
+        m = meta.get(object_id, {})
+        tip = html.escape(f"{object_id} — {m.get('title')} — {m.get('creator') or ''}")
+        tiles.append(f'<img class="tile" title="{tip}" src="{thumbs[object_id]}" '
+                     f'style="left:{x * 92:.2f}%;top:{(1 - y) * 92:.2f}%">')
+    return (f"<h2>Map</h2><p>Works close together look alike to the model. Hover a thumbnail for its record.</p>"
+            f"{_img(png)}<div class='map'>{''.join(tiles)}</div>")
+
+
+def _cluster_section(vectors, ids, meta, thumbs) -> str:
+    import faiss
+
+    k = int(max(2, min(12, round(np.sqrt(len(ids) / 2)))))
+    kmeans = faiss.Kmeans(vectors.shape[1], k, niter=20, seed=1, spherical=True)
+    kmeans.train(np.ascontiguousarray(vectors, dtype=np.float32))
+    _, assign = kmeans.index.search(np.ascontiguousarray(vectors, dtype=np.float32), 1)
+    blocks = []
+    for c in range(k):
+        members = [ids[j] for j in np.flatnonzero(assign[:, 0] == c)]
+        if not members:
+            continue
+        types = _top_values([meta.get(m, {}).get("object_type") for m in members])
+        cells = "".join(_card(m, meta, thumbs) for m in members[:_MAX_CLUSTER_MEMBERS])
+        blocks.append(f"<h3>cluster {c + 1}: {len(members)} works · {html.escape(types)}</h3>"
+                      f"<div class='row'>{cells}</div>")
+    return f"<h2>Clusters (k-means, k={k})</h2>{''.join(blocks)}"
+
+
+def _sheets_section(links: pa.Table, sheet_ids, meta, thumbs) -> str:
+    blocks = []
+    for object_id in sheet_ids:
+        rows = links.filter(pc.equal(links["object_id"], object_id))
+        rows = rows.take(pc.sort_indices(rows, sort_keys=[("rank", "ascending")])).to_pylist()
+        cells = "".join(_card(r["neighbor_id"], meta, thumbs, f"#{r['rank']} · {r['score']:.3f}") for r in rows[:8])
+        blocks.append(f"<div class='sheet'><div class='row'>{_card(object_id, meta, thumbs, 'query')}"
+                      f"<div class='arrow'>→</div>{cells}</div></div>")
+    return ("<h2>Neighbour sheets</h2><p>Each row: a work and its nearest works in other collections "
+            "(from links/).</p>" + "".join(blocks))
+
+
+def _card(object_id, meta, thumbs, caption: Optional[str] = None) -> str:
+    m = meta.get(object_id, {})
+    img = f"<img src='{thumbs[object_id]}'>" if object_id in thumbs else "<div class='noimg'></div>"
+    title = html.escape(str(m.get("title") or ""))[:60]
+    creator = html.escape(str(m.get("creator") or ""))[:40]
+    link = m.get("landing_url")
+    name = html.escape(object_id)
+    name = f"<a href='{html.escape(link)}'>{name}</a>" if link else name
+    cap = f"<b>{html.escape(caption)}</b><br>" if caption else ""
+    return f"<div class='card'>{img}<div class='cap'>{cap}{name}<br>{title}<br><i>{creator}</i></div></div>"
+
+
+def _top_values(values, n: int = 3) -> str:
+    from collections import Counter
+
+    counts = Counter(v for v in values if v)
+    return ", ".join(f"{v} ({c})" for v, c in counts.most_common(n)) or "—"
+
+
+def _bar_chart(counts: dict, title: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 2.8), dpi=110)
+    names = list(counts)
+    ax.barh(names, [counts[n] for n in names])
+    ax.set_title(title)
+    for y, n in enumerate(names):
+        ax.text(counts[n], y, f" {counts[n]}", va="center", fontsize=8)
+    fig.tight_layout()
+    return _fig_png(fig)
+
+
+def _fig_png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _img(png: bytes) -> str:
+    return f"<img class='plot' src='data:image/png;base64,{base64.b64encode(png).decode()}'>" if png else ""
+
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1200px; }}
+table {{ border-collapse: collapse; margin: 1em 0; }} td, th {{ border: 1px solid #ccc; padding: 2px 8px; }}
+.plot {{ max-width: 100%; }}
+.map {{ position: relative; width: 100%; height: 800px; border: 1px solid #ddd; margin: 1em 0; }}
+.tile {{ position: absolute; width: 48px; }} .tile:hover {{ width: 160px; z-index: 10; }}
+.row {{ display: flex; flex-wrap: wrap; gap: 8px; align-items: flex-start; }}
+.card {{ width: 110px; font-size: 11px; }} .card img {{ max-width: 100px; max-height: 100px; }}
+.noimg {{ width: 96px; height: 96px; background: #eee; }} .arrow {{ font-size: 32px; align-self: center; }}
+.sheet {{ border-bottom: 1px solid #eee; padding: 8px 0; }}
+</style></head><body>
+<h1>artsim report</h1>
+{body}
+<p style="color:#888">generated {generated} by artsim</p>
+</body></html>
+"""
