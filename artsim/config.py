@@ -119,8 +119,23 @@ class EmbedConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # autocast on GPU; CPU always runs fp32
     dtype: Literal["float16", "float32"] = "float32"  # stored vector type
     seed: int = 0  # random init (weights: null) is seeded so that runs agree
+    image_size: Optional[int] = None  # crop side fed to the model; null: from the weights (224 for random init)
+    torch_threads: Optional[int] = None  # intra-op threads per CPU actor; null: the node's CPUs / num_actors
+    cpus_per_actor: float = 1.0  # Ray CPUs reserved per model actor (CPU inference)
+    preprocess_concurrency: Optional[int] = None  # max decode/resize tasks at once; null: Ray decides
+    rows_per_file: int = 50_000  # rows per output Parquet file
 
     def check(self):
+        if self.image_size is not None and not 16 <= self.image_size <= 4096:
+            yield "image_size", "must be between 16 and 4096"
+        if self.torch_threads is not None and self.torch_threads < 1:
+            yield "torch_threads", "must be at least 1"
+        if self.cpus_per_actor < 0:
+            yield "cpus_per_actor", "must be 0 or more"
+        if self.preprocess_concurrency is not None and self.preprocess_concurrency < 1:
+            yield "preprocess_concurrency", "must be at least 1"
+        if self.rows_per_file < 1:
+            yield "rows_per_file", "must be at least 1"
         if self.batch_size < 1:
             yield "batch_size", "must be at least 1"
         if self.num_actors < 1:
