@@ -1,0 +1,163 @@
+"""Records as a mining corpus: integer ids, creators, collections and inverted indexes of controlled terms.
+
+Strategies sample millions of times, so everything they look up is precomputed here once: for every term (a
+subject, a concept URI, an object type or a medium) the sorted array of objects that carry it, and for every object
+its terms. Terms are normalised (case, whitespace) so that "Horses" and "horses " are one term.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+# Term fields and how a reason names them ("shared subject: horses").
+TERM_FIELDS = {"subjects": "subject", "concepts": "concept", "object_type": "object type", "medium": "medium"}
+# Creator values that name nobody in particular; two such works are not "by the same creator".
+UNKNOWN_CREATORS = frozenset({"", "unknown", "anonymous", "unidentified artist", "unidentified", "n/a", "none"})
+
+
+def normalise_term(value: str) -> str:
+    return " ".join(str(value).split()).casefold()
+
+
+def normalise_creator(value: Optional[str]) -> Optional[str]:
+    if value is None:
+        return None
+    key = " ".join(str(value).split()).casefold()
+    return None if key in UNKNOWN_CREATORS else key
+
+
+@dataclass(frozen=True)
+class Term:
+    field: str  # one of TERM_FIELDS
+    key: str  # normalised value
+    label: str  # the value as the first record spelled it
+
+    @property
+    def reason(self) -> str:
+        return f"shared {TERM_FIELDS[self.field]}: {self.label}"
+
+
+@dataclass
+class MiningCorpus:
+    """The objects that may appear in triplets, with lookups by term and creator."""
+
+    object_ids: list[str]
+    collections: np.ndarray  # object index -> collection name (object array)
+    terms: list[Term] = field(default_factory=list)  # term index -> Term
+    object_terms: list[np.ndarray] = field(default_factory=list)  # object index -> sorted term indices
+    term_members: list[np.ndarray] = field(default_factory=list)  # term index -> sorted object indices
+    creators: list[Optional[str]] = field(default_factory=list)  # object index -> normalised creator or None
+    creator_labels: dict[str, str] = field(default_factory=dict)  # normalised creator -> as spelled
+    creator_members: dict[str, np.ndarray] = field(default_factory=dict)
+    texts: list[str] = field(default_factory=list)  # metadata text (see artsim.similarity.text.record_text)
+    titles: list[str] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return len(self.object_ids)
+
+    def index_of(self) -> dict[str, int]:
+        return {oid: i for i, oid in enumerate(self.object_ids)}
+
+    def has_term(self, obj: int, term: int) -> bool:
+        terms = self.object_terms[obj]
+        pos = np.searchsorted(terms, term)
+        return bool(pos < len(terms) and terms[pos] == term)
+
+    def shares_field_term(self, a: int, b: int, field_name: str) -> bool:
+        """Whether objects a and b have any term of ``field_name`` in common."""
+        common = np.intersect1d(self.object_terms[a], self.object_terms[b], assume_unique=True)
+        return any(self.terms[t].field == field_name for t in common)
+
+    def subset(self, indices: Sequence[int]) -> "MiningCorpus":
+        """The corpus restricted to ``indices`` (e.g. one collection), with terms re-indexed."""
+        indices = np.asarray(indices, dtype=np.int64)
+        return build_corpus(
+            [self.object_ids[i] for i in indices],
+            [self.collections[i] for i in indices],
+            [[(self.terms[t].field, self.terms[t].label) for t in self.object_terms[i]] for i in indices],
+            [self.creator_labels.get(self.creators[i]) if self.creators[i] else None for i in indices],
+            texts=[self.texts[i] for i in indices] if self.texts else None,
+            titles=[self.titles[i] for i in indices] if self.titles else None,
+        )
+
+
+def record_terms(record: dict, fields: Iterable[str] = tuple(TERM_FIELDS)) -> list[tuple[str, str]]:
+    """(field, value) pairs of the controlled terms of a canonical record."""
+    out = []
+    for name in fields:
+        value = record.get(name)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if v is not None and str(v).strip():
+                out.append((name, str(v).strip()))
+    return out
+
+
+def build_corpus(object_ids: Sequence[str], collections: Sequence[str], terms_per_object: Sequence[list],
+                 creators: Sequence[Optional[str]], texts: Optional[Sequence[str]] = None,
+                 titles: Optional[Sequence[str]] = None) -> MiningCorpus:
+    term_index: dict[tuple[str, str], int] = {}
+    terms: list[Term] = []
+    members: list[list[int]] = []
+    object_terms = []
+    for i, pairs in enumerate(terms_per_object):
+        mine = set()
+        for field_name, value in pairs:
+            key = (field_name, normalise_term(value))
+            t = term_index.get(key)
+            if t is None:
+                t = term_index[key] = len(terms)
+                terms.append(Term(field_name, key[1], value))
+                members.append([])
+            if t not in mine:
+                mine.add(t)
+                members[t].append(i)
+        object_terms.append(np.array(sorted(mine), dtype=np.int64))
+    creator_keys, creator_labels, creator_lists = [], {}, {}
+    for i, c in enumerate(creators):
+        key = normalise_creator(c)
+        creator_keys.append(key)
+        if key is not None:
+            creator_labels.setdefault(key, " ".join(str(c).split()))
+            creator_lists.setdefault(key, []).append(i)
+    return MiningCorpus(
+        object_ids=list(object_ids),
+        collections=np.array(list(collections), dtype=object),
+        terms=terms,
+        object_terms=object_terms,
+        term_members=[np.array(m, dtype=np.int64) for m in members],
+        creators=creator_keys,
+        creator_labels=creator_labels,
+        creator_members={k: np.array(v, dtype=np.int64) for k, v in creator_lists.items()},
+        texts=list(texts) if texts is not None else [],
+        titles=list(titles) if titles is not None else [],
+    )
+
+
+def corpus_from_records(records: list[dict], fields: Iterable[str] = tuple(TERM_FIELDS)) -> MiningCorpus:
+    """A corpus from canonical record dicts (rows of ``records/``). Records without object_id are skipped."""
+    from artsim.similarity.text import record_text
+
+    fields = tuple(fields)
+    unknown = [f for f in fields if f not in TERM_FIELDS]
+    if unknown:
+        raise ValueError(f"unknown term fields {unknown}; expected some of {list(TERM_FIELDS)}")
+    seen = set()
+    rows = []
+    for r in records:
+        oid = r.get("object_id")
+        if not oid or oid in seen:
+            continue  # duplicates are the ingest stage's business; mining uses each object once
+        seen.add(oid)
+        rows.append(r)
+    return build_corpus(
+        [r["object_id"] for r in rows],
+        [r.get("collection") or r["object_id"].split(":", 1)[0] for r in rows],
+        [record_terms(r, fields) for r in rows],
+        [r.get("creator") for r in rows],
+        texts=[record_text(r) for r in rows],
+        titles=[(r.get("title") or "").strip() for r in rows],
+    )
