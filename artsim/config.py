@@ -147,18 +147,40 @@ class EmbedConfig:
 @dataclass
 class MineConfig:
     num_triplets: int = 10_000
-    # strategy name -> weight; see artsim/mine.py for the list
+    # strategy name -> weight; see artsim/similarity/strategies.py (STRATEGIES) for the list
     strategies: dict[str, float] = field(default_factory=lambda: {"shared_terms": 1.0, "text": 1.0})
-    same_collection: bool = False
+    same_collection: bool = False  # anchor, positive and negative all from one collection
     annotations: Optional[str] = None  # CSV of curator annotations: anchor, similar[, dissimilar]
     seed: int = 0
+    # shared_terms / hard_negatives: which record fields count as controlled terms
+    term_fields: list[str] = field(default_factory=lambda: ["subjects", "concepts", "object_type", "medium"])
+    text_neighbors: int = 10  # text: positives come from this many nearest texts ...
+    text_min_similarity: float = 0.5  # ... with at least this cosine; negatives stay below it
+    hard_negative_k: int = 20  # hard_negatives: negatives come from this many nearest images
+    embeddings: Optional[str] = None  # hard_negatives: embeddings/<key>/; null: the embed section's model key
 
     def check(self):
+        from artsim.similarity.strategies import STRATEGIES
+        from artsim.similarity.corpus import TERM_FIELDS
+
         if self.num_triplets < 1:
             yield "num_triplets", "must be at least 1"
         for name, weight in self.strategies.items():
+            if name not in STRATEGIES:
+                yield f"strategies.{name}", f"unknown strategy; expected one of {', '.join(STRATEGIES)}"
             if weight < 0:
                 yield f"strategies.{name}", "weight must be 0 or more"
+        if not any(w > 0 for w in self.strategies.values()):
+            yield "strategies", "at least one strategy needs a weight above 0"
+        for i, name in enumerate(self.term_fields):
+            if name not in TERM_FIELDS:
+                yield f"term_fields.{i}", f"unknown field {name!r}; expected some of {', '.join(TERM_FIELDS)}"
+        if self.text_neighbors < 1:
+            yield "text_neighbors", "must be at least 1"
+        if not -1 <= self.text_min_similarity <= 1:
+            yield "text_min_similarity", "must be between -1 and 1"
+        if self.hard_negative_k < 1:
+            yield "hard_negative_k", "must be at least 1"
 
 
 @dataclass
