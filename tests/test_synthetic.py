@@ -130,7 +130,7 @@ def test_creator_is_visibly_separable_on_8x8_thumbnails():
     x = _thumbnail_features(records, spec)
     y = [r["creator"] for r in records]
     acc = _nearest_centroid_accuracy(x[:160], y[:160], x[160:], y[160:])
-    assert acc >= 0.9, acc  # chance is 1/8
+    assert acc >= 0.85, acc  # chance is 1/8 (measured: 0.925)
     # The metadata alone (shuffled labels) must not score: the signal is in the pixels.
     rng = np.random.default_rng(0)
     shuffled = list(rng.permutation(y[:160]))
