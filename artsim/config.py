@@ -212,27 +212,47 @@ class TrainConfig:
 @dataclass
 class IndexConfig:
     name: Optional[str] = None  # index/<name>/; default: the embedding model key
+    embeddings: Optional[str] = None  # embeddings/<key>/ to index; default: the key of the embed section's model
     facets: list[str] = field(default_factory=lambda: ["collection", "creator", "culture", "object_type"])
     factory: Optional[str] = None  # FAISS factory string; null chooses from N, dimension and memory budget
     num_shards: int = 1
     memory_budget_gb: float = 4.0
     target_recall: float = 0.95
+    # Extra ids.parquet columns from records/ (shown with hits, usable in `where` like facets).
+    metadata: list[str] = field(default_factory=lambda: ["title", "license", "date_begin", "date_end"])
+    exact_max_vectors: int = 1_000_000  # up to this N (and within memory_budget_gb) the index is exact (Flat)
+    train_sample: int = 200_000  # vectors the IVF / PQ training sees (at least 40 per IVF list are used)
+    tuning_queries: int = 1000  # held-out queries for recall@10 tuning
+    seed: int = 0
 
     def check(self):
         if self.num_shards < 1:
             yield "num_shards", "must be at least 1"
         if not 0 < self.target_recall <= 1:
             yield "target_recall", "must be in (0, 1]"
+        if self.memory_budget_gb <= 0:
+            yield "memory_budget_gb", "must be positive"
+        if self.train_sample < 1000:
+            yield "train_sample", "must be at least 1000"
+        if self.tuning_queries < 10:
+            yield "tuning_queries", "must be at least 10"
 
 
 @dataclass
 class LinksConfig:
     k: int = 10
     include_own_collection: bool = False
+    name: Optional[str] = None  # index/<name>/ to read and links/<name>/ to write; default: as the index stage
+    batch_size: int = 1024  # queries per batched search
+    num_tasks: Optional[int] = None  # parallel Ray tasks; null: one per available CPU (at most one per batch)
 
     def check(self):
         if self.k < 1:
             yield "k", "must be at least 1"
+        if self.batch_size < 1:
+            yield "batch_size", "must be at least 1"
+        if self.num_tasks is not None and self.num_tasks < 1:
+            yield "num_tasks", "must be at least 1"
 
 
 @dataclass
