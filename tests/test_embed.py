@@ -1,0 +1,155 @@
+"""The embed stage end to end on a real local Ray (and moto S3), compared with a direct single-process model call."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from artsim.config import config_from_dict
+from artsim.embed import run_embed
+from artsim.embed.artifact import build_embedder, model_key
+from artsim.embed.ray_embed import EmbeddingWriter, EmbedWorker, describe_bottleneck
+from artsim.embed.preprocess import preprocess_batch
+from artsim.errors import ArtsimError, ConfigError
+from artsim.runtime import RunContext
+from artsim.schema import IMAGES_SCHEMA
+from artsim.storage import Storage
+from tests.conftest import MET_SAMPLE
+
+SIZE = 64  # px; resnet18 at 64 px keeps the Ray runs to seconds
+
+
+def image_rows(n_ok: int, corrupt: int = 1) -> list[dict]:
+    """images/ rows as the download stage writes them: real Met JPEGs, failed downloads, and corrupt bytes."""
+    rows = []
+    for path in sorted((MET_SAMPLE / "images").glob("*.jpg"))[:n_ok]:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+        rows.append({"object_id": f"met:{path.stem[4:]}", "status": "ok", "http_status": 200, "error": None,
+                     "url_final": f"http://example.org/{path.name}", "width": width, "height": height,
+                     "sha256": None, "image": data})
+    for i, status in enumerate(["not_found", "timeout", "blocked_address"]):
+        rows.append({"object_id": f"met:missing{i}", "status": status, "http_status": 404 if i == 0 else None,
+                     "error": status, "url_final": None, "width": None, "height": None, "sha256": None,
+                     "image": None})
+    for i in range(corrupt):  # "ok" per the download stage, but the bytes are not an image: a status, no crash
+        rows.append({"object_id": f"met:corrupt{i}", "status": "ok", "http_status": 200, "error": None,
+                     "url_final": None, "width": 1, "height": 1, "sha256": None, "image": b"\xff\xd8 not a jpeg"})
+    return rows
+
+
+def make_ctx(root: str, s3_endpoint: str | None = None, **embed) -> RunContext:
+    tree = {"run": {"root": root}, "embed": {"model": "resnet18", "image_size": SIZE, "batch_size": 8} | embed}
+    if s3_endpoint:
+        tree["storage"] = {"s3_endpoint_url": s3_endpoint}
+    return RunContext(config_from_dict(tree))
+
+
+def write_images(ctx: RunContext, rows: list[dict]) -> None:
+    ctx.storage.write_table(pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA), ctx.paths.images, rows_per_file=13)
+
+
+def reference_vectors(ctx: RunContext, rows: list[dict]) -> dict[str, np.ndarray]:
+    """A direct, single-process call of the same model: what the pipeline must reproduce."""
+    embedder = build_embedder(ctx.config.embed, ctx.storage)
+    ok = [r for r in rows if r["status"] == "ok" and not r["object_id"].startswith("met:corrupt")]
+    vectors = embedder.embed_pil([r["image"] for r in ok])
+    return {r["object_id"]: v for r, v in zip(ok, vectors)}
+
+
+def check_output(ctx: RunContext, rows: list[dict], summary: dict, atol: float) -> None:
+    key = model_key(ctx.config.embed)
+    out = ctx.paths.embeddings(key)
+    assert summary["output"] == out and ctx.storage.is_complete(out)
+    table = ctx.storage.read_table(out)
+    expected = reference_vectors(ctx, rows)
+    ids = table.column("object_id").to_pylist()
+    assert sorted(ids) == sorted(expected)  # every ok image once; failed downloads and corrupt bytes skipped
+    assert set(table.column("model").to_pylist()) == {key}
+    vectors = np.asarray(table.column("embedding").to_pylist(), dtype=np.float32)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=max(atol, 1e-5))
+    for oid, vec in zip(ids, vectors):
+        np.testing.assert_allclose(vec, expected[oid], atol=atol)
+    info = ctx.storage.read_json(f"{out}/_model.json")
+    assert info["weights_id"] == "random-init-seed-0" and info["output_dim"] == 512 == table.schema.field(
+        "embedding").type.list_size
+    report = ctx.storage.read_json(f"{out}/_report.json")
+    assert report["decode_errors"] == 1 and report["failures"][0]["object_id"] == "met:corrupt0"
+    assert summary["embedded"] == len(expected) and summary["skipped_not_ok"] == 3 and summary["images_per_s"] > 0
+
+
+def test_embed_local_two_actors_matches_direct_call(ray_session, tmp_path):
+    ctx = make_ctx(str(tmp_path / "run"), num_actors=2, torch_threads=1)
+    rows = image_rows(30)
+    write_images(ctx, rows)
+    summary = run_embed(ctx)
+    check_output(ctx, rows, summary, atol=1e-5)
+    assert "bounded by" in summary["bottleneck"]
+
+
+def test_embed_s3_round_trip_float16(ray_session, s3_endpoint):
+    ctx = make_ctx("s3://artsim-test/embed-test/run", s3_endpoint, dtype="float16", torch_threads=1)
+    rows = image_rows(12)
+    write_images(ctx, rows)
+    summary = run_embed(ctx)
+    table = ctx.storage.read_table(summary["output"])
+    assert table.schema.field("embedding").type.value_type == pa.float16()
+    check_output(ctx, rows, summary, atol=2e-3)  # float16 storage: ~3 significant digits
+
+
+def test_rerun_replaces_output_and_incomplete_input_is_refused(ray_session, tmp_path):
+    ctx = make_ctx(str(tmp_path / "run"), torch_threads=1)
+    write_images(ctx, image_rows(5))
+    run_embed(ctx)
+    write_images(ctx, image_rows(3))
+    summary = run_embed(ctx)
+    assert ctx.storage.read_table(summary["output"]).num_rows == 3  # the old rows are gone, not merged
+    (tmp_path / "run" / "images" / "_SUCCESS").unlink()
+    with pytest.raises(ArtsimError, match="incomplete output"):
+        run_embed(ctx)
+
+
+def test_impossible_resources_fail_instead_of_hanging(ray_session, tmp_path):
+    ctx = make_ctx(str(tmp_path / "run"), num_gpus=1)
+    write_images(ctx, image_rows(2))
+    with pytest.raises(ConfigError, match="embed.num_gpus"):
+        run_embed(ctx)
+    ctx = make_ctx(str(tmp_path / "run"), num_actors=8)
+    with pytest.raises(ConfigError, match="embed.num_actors"):
+        run_embed(ctx)
+
+
+# -- the plain pieces, without Ray ---------------------------------------------------------------------------------
+
+
+def test_worker_and_writer_without_ray(tmp_path):
+    ctx = make_ctx(str(tmp_path / "run"), dtype="float32", torch_threads=1)
+    rows = image_rows(4)
+    batch = preprocess_batch({"object_id": np.array([r["object_id"] for r in rows], dtype=object),
+                              "image": np.array([r["image"] for r in rows], dtype=object)}, SIZE, SIZE)
+    assert batch["pixels"].shape == (len(rows), SIZE, SIZE, 3)
+    errors = list(batch["error"])
+    assert errors[:4] == ["", "", "", ""] and all(errors[4:])  # None bytes and corrupt bytes get a message
+    worker = EmbedWorker(ctx.config.embed, ctx.config.storage, "random-init-seed-0", torch_threads=1)
+    out = worker(batch)
+    assert out["embedding"].shape == (len(rows), 512) and not out["embedding"][4:].any()
+
+    writer = EmbeddingWriter(Storage(), str(tmp_path / "emb"), "resnet18", 512, "float32", rows_per_file=3)
+    writer.add(out["object_id"], out["embedding"], out["error"])
+    writer.close()
+    assert writer.written == 4 and writer.failed == 4 and len(writer.files) == 2  # 3 + 1 rows
+    table = Storage().read_table(str(tmp_path / "emb"), require_complete=False)
+    assert table.num_rows == 4
+
+
+def test_describe_bottleneck():
+    verdict, numbers = describe_bottleneck(wall_s=10, model_s=19, prep_s=2, num_actors=2)
+    assert verdict.startswith("bounded by the model") and numbers["model_busy_fraction"] == 0.95
+    verdict, _ = describe_bottleneck(wall_s=10, model_s=3, prep_s=9, num_actors=1)
+    assert verdict.startswith("bounded by preprocessing")
+    verdict, _ = describe_bottleneck(wall_s=10, model_s=1, prep_s=1, num_actors=1)
+    assert verdict.startswith("bounded by reading")
