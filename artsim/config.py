@@ -87,6 +87,9 @@ class DownloadConfig:
     shard_size: int = 1000  # records per output shard
     fetch_threads: int = 32  # concurrent fetches inside one task
     iiif_rendition: bool = True  # fetch a server-side resized IIIF rendition when a service is known
+    circuit_breaker_cooldown_s: float = 300.0  # a paused host gets one trial request after this
+    limiter_actors: int = 1  # job-wide host limiter actors (hosts hashed over them); ~1 per 20 nodes
+    workers: Optional[int] = None  # shard workers (Ray actors, 1 CPU each); null: every CPU of the cluster
 
     def check(self):
         if self.image_size < 16:
@@ -107,6 +110,22 @@ class DownloadConfig:
             yield "retries", "must be 0 or more"
         if not 0 <= self.max_redirects <= 20:
             yield "max_redirects", "must be between 0 and 20"
+        if self.max_bytes < 1:
+            yield "max_bytes", "must be at least 1"
+        if self.max_pixels < 1:
+            yield "max_pixels", "must be at least 1"
+        if self.circuit_breaker_failures < 1:
+            yield "circuit_breaker_failures", "must be at least 1"
+        if self.circuit_breaker_cooldown_s < 0:
+            yield "circuit_breaker_cooldown_s", "must be 0 or more"
+        if self.limiter_actors < 1:
+            yield "limiter_actors", "must be at least 1"
+        if self.workers is not None and self.workers < 1:
+            yield "workers", "must be at least 1 (or null)"
+        if self.backoff_base_s < 0 or self.backoff_max_s < self.backoff_base_s:
+            yield "backoff_max_s", "backoff needs 0 <= backoff_base_s <= backoff_max_s"
+        if not self.user_agent.strip() or any(c in self.user_agent for c in "\r\n"):
+            yield "user_agent", "must be a non-empty single line"
 
 
 @dataclass

@@ -1,0 +1,463 @@
+"""Fetch one record's image: safe, polite, bounded; always returns a :class:`FetchResult`, never raises.
+
+One :class:`Fetcher` serves many threads of one process. It needs a *limiter* (``acquire``/``release``/robots
+cache), either :class:`~artsim.download.politeness.LocalHostLimiter` or the job-wide Ray client.
+"""
+from __future__ import annotations
+
+import hashlib
+import heapq
+import http.client
+import itertools
+import random
+import socket
+import threading
+import time
+import urllib.robotparser
+from dataclasses import dataclass, field
+from typing import Optional
+from urllib.parse import urljoin, urlsplit
+
+from artsim.config import DownloadConfig, StorageConfig
+from artsim.download.politeness import (
+    agent_token, backoff_delay, parse_retry_after, robots_allows, x_robots_opt_out,
+)
+from artsim.download.resize import ImageRejected, process_image
+from artsim.download.safety import Target, UnsafeURL, URLPolicy, open_connection
+
+READ_CHUNK = 256 * 1024
+ROBOTS_MAX_BYTES = 512 * 1024  # RFC 9309: parse at least 500 KiB
+NO_RETRY_HTTP = frozenset({400, 401, 403, 404, 405, 410, 451})
+
+
+@dataclass
+class FetchResult:
+    object_id: str
+    status: str
+    http_status: Optional[int] = None
+    error: Optional[str] = None
+    url_final: Optional[str] = None
+    width: Optional[int] = None
+    height: Optional[int] = None
+    sha256: Optional[str] = None  # of the bytes as downloaded (provenance / exact-duplicate detection)
+    image: Optional[bytes] = None
+    host: Optional[str] = None
+    bytes_downloaded: int = 0
+    original_width: Optional[int] = None
+    original_height: Optional[int] = None
+    attempts: int = 0
+    retryable: bool = False  # worth another try within this run (not stored)
+
+
+@dataclass
+class _Response:
+    """Outcome of one request (no redirects followed)."""
+
+    kind: str  # body | redirect | http | opted_out | timeout | connection | too_large | paused
+    http_status: Optional[int] = None
+    body: bytes = b""
+    location: Optional[str] = None
+    retry_after: Optional[float] = None
+    error: Optional[str] = None
+    headers: dict = field(default_factory=dict)
+
+
+class _Watchdog:
+    """Enforces total deadlines: shuts a connection's socket down when its request runs out of time.
+
+    Socket timeouts alone bound each recv(), so a server trickling one byte per second would never time out.
+    One thread serves every request of the process.
+    """
+
+    def __init__(self):
+        self._heap: list = []
+        self._cond = threading.Condition()
+        self._ids = itertools.count()
+        self._live: dict[int, http.client.HTTPConnection] = {}
+        self.fired: set[int] = set()
+        threading.Thread(target=self._run, name="artsim-deadline-watchdog", daemon=True).start()
+
+    def watch(self, deadline: float, conn) -> int:
+        with self._cond:
+            token = next(self._ids)
+            self._live[token] = conn
+            heapq.heappush(self._heap, (deadline, token))
+            self._cond.notify()
+            return token
+
+    def done(self, token: int) -> bool:
+        """Stop watching; True when the deadline fired (the request timed out)."""
+        with self._cond:
+            self._live.pop(token, None)
+            if token in self.fired:
+                self.fired.discard(token)
+                return True
+            return False
+
+    def _run(self):
+        with self._cond:
+            while True:
+                while self._heap and self._heap[0][1] not in self._live:
+                    heapq.heappop(self._heap)
+                if not self._heap:
+                    self._cond.wait()
+                    continue
+                deadline, token = self._heap[0]
+                delay = deadline - time.monotonic()
+                if delay > 0:
+                    self._cond.wait(delay)
+                    continue
+                heapq.heappop(self._heap)
+                conn = self._live.pop(token, None)
+                if conn is not None:
+                    self.fired.add(token)
+                    sock = getattr(conn, "raw_sock", None)
+                    if sock is not None:
+                        try:
+                            sock.shutdown(socket.SHUT_RDWR)
+                        except OSError:
+                            pass
+
+
+def iiif_rendition_url(service: str, size: int) -> str:
+    """A server-side resized rendition: ``{service}/full/!N,N/0/default.jpg`` (IIIF Image API 2 and 3)."""
+    base = service.strip().rstrip("/")
+    if base.endswith("/info.json"):
+        base = base[: -len("/info.json")]
+    return f"{base}/full/!{size},{size}/0/default.jpg"
+
+
+def host_of(url: Optional[str]) -> Optional[str]:
+    if not url:
+        return None
+    try:
+        return urlsplit(url.strip()).hostname or None
+    except ValueError:
+        return None
+
+
+class Fetcher:
+    """Fetches records' images under one config. Thread-safe."""
+
+    def __init__(self, config: DownloadConfig, limiter, storage_config: Optional[StorageConfig] = None,
+                 policy: Optional[URLPolicy] = None, seed: Optional[int] = None, queue_timeout_s: float = 900.0):
+        self.cfg = config
+        self.limiter = limiter
+        self.policy = policy or URLPolicy(config.allow_private_addresses, config.allow_hosts,
+                                          config.allow_local_files)
+        self.storage_config = storage_config or StorageConfig()
+        self.agent = agent_token(config.user_agent)
+        self.allowed_licenses = {x.strip().lower() for x in config.allowed_licenses}
+        self.queue_timeout_s = queue_timeout_s
+        self._rng = random.Random(seed)
+        self._rng_lock = threading.Lock()
+        self._watchdog = _Watchdog()
+        self._robots: dict[str, Optional[urllib.robotparser.RobotFileParser] | tuple[int, str]] = {}
+        self._robots_locks: dict[str, threading.Lock] = {}
+        self._robots_guard = threading.Lock()
+        self._storage = None
+
+    # -- one record ----------------------------------------------------------------------------------------------
+    def fetch_record(self, record: dict) -> FetchResult:
+        object_id = record.get("object_id")
+        try:
+            return self._fetch_record(record)
+        except Exception as exc:  # a bug must not take the whole shard down; the record says what happened
+            return FetchResult(object_id, "http_error", error=f"internal error: {type(exc).__name__}: {exc}",
+                               host=host_of(record.get("image_url")))
+
+    def _fetch_record(self, record: dict) -> FetchResult:
+        object_id = record["object_id"]
+        image_url = (record.get("image_url") or "").strip() or None
+        service = (record.get("iiif_service") or "").strip() or None
+        if self.allowed_licenses:
+            license_ = (record.get("license") or "").strip()
+            if license_.lower() not in self.allowed_licenses:
+                return FetchResult(object_id, "license_excluded", error=f"license {license_ or 'unknown'!r} "
+                                   "not in download.allowed_licenses", host=host_of(image_url or service))
+        if service and self.cfg.iiif_rendition:
+            result = self.fetch_url(object_id, iiif_rendition_url(service, self.cfg.image_size))
+            if result.status == "ok" or not image_url or result.status in (
+                    "opted_out", "robots_disallowed", "blocked_address"):
+                return result
+            # The rendition failed (server without the size API, broken service): fall back to the original.
+            fallback = self.fetch_url(object_id, image_url)
+            if fallback.status != "ok":
+                fallback.error = f"{fallback.error} (IIIF rendition also failed: {result.error})"
+            fallback.attempts += result.attempts
+            return fallback
+        if not image_url:
+            return FetchResult(object_id, "invalid_url", error="record has no image_url or iiif_service")
+        return self.fetch_url(object_id, image_url)
+
+    def fetch_url(self, object_id: str, url: str) -> FetchResult:
+        host = host_of(url)
+        try:
+            kind = self.policy.scheme_of(url)
+        except UnsafeURL as exc:
+            return FetchResult(object_id, exc.status, error=str(exc), url_final=url, host=host)
+        if kind == "local":
+            return self._fetch_local(object_id, url)
+        result = self._fetch_http(object_id, url)
+        result.host = result.host or host
+        return result
+
+    # -- HTTP with retries and redirects -------------------------------------------------------------------------
+    def _fetch_http(self, object_id: str, url: str) -> FetchResult:
+        attempt = 0
+        while True:
+            result, retry_after = self._attempt(object_id, url)
+            result.attempts = attempt + 1
+            retryable = result.status in ("http_error", "timeout") and result.retryable
+            if not retryable or attempt >= self.cfg.retries:
+                return result
+            if retry_after is not None:
+                if retry_after > self.cfg.backoff_max_s:
+                    result.error = f"{result.error}; Retry-After {retry_after:.0f}s exceeds backoff_max_s"
+                    return result
+                delay = retry_after
+            else:
+                with self._rng_lock:
+                    delay = backoff_delay(attempt, self.cfg.backoff_base_s, self.cfg.backoff_max_s, self._rng)
+            time.sleep(delay)
+            attempt += 1
+
+    def _attempt(self, object_id: str, url: str) -> tuple[FetchResult, Optional[float]]:
+        """One try: follow redirects (each target checked), robots, the final response → a result."""
+        current = url
+        for _hop in range(self.cfg.max_redirects + 1):
+            try:
+                target = self.policy.check(current)
+            except UnsafeURL as exc:
+                return FetchResult(object_id, exc.status, error=str(exc), url_final=current), None
+            except OSError as exc:  # DNS failure: a dead domain is not fixed by retrying within seconds
+                return FetchResult(object_id, "http_error", error=f"dns: {exc}", url_final=current), None
+            if self.cfg.respect_robots_txt:
+                verdict = self._robots_verdict(target)
+                if verdict is False:
+                    return FetchResult(object_id, "robots_disallowed", error="disallowed by robots.txt",
+                                       url_final=current), None
+                if verdict is None:
+                    res = FetchResult(object_id, "http_error", error="robots.txt unreachable (RFC 9309: "
+                                      "assume disallowed for now)", url_final=current)
+                    res.retryable = True
+                    return res, None
+            response = self._request(target, want_body=True)
+            if response.kind == "redirect":
+                current = urljoin(current, response.location)
+                continue
+            return self._to_result(object_id, current, response), response.retry_after
+        return FetchResult(object_id, "http_error", error=f"more than {self.cfg.max_redirects} redirects",
+                           url_final=current), None
+
+    def _to_result(self, object_id: str, url: str, response: _Response) -> FetchResult:
+        res = FetchResult(object_id, "http_error", http_status=response.http_status, url_final=url,
+                          error=response.error)
+        res.retryable = False
+        kind = response.kind
+        if kind == "body":
+            return self._finish(res, response.body)
+        if kind == "opted_out":
+            res.status = "opted_out"
+        elif kind == "too_large":
+            res.status = "too_large"
+        elif kind == "timeout":
+            res.status = "timeout"
+            res.retryable = True
+        elif kind == "connection":
+            res.retryable = True
+        elif kind == "paused":
+            res.error = response.error
+        elif kind == "http":
+            code = response.http_status or 0
+            if code in (404, 410):
+                res.status = "not_found"
+            res.retryable = code not in NO_RETRY_HTTP and (code >= 500 or code in (408, 425, 429))
+            res.error = res.error or f"HTTP {code}"
+        return res
+
+    def _finish(self, res: FetchResult, body: bytes) -> FetchResult:
+        res.bytes_downloaded = len(body)
+        try:
+            out = process_image(body, self.cfg.image_size, self.cfg.max_pixels, self.cfg.format, self.cfg.quality)
+        except ImageRejected as exc:
+            res.status, res.error = exc.status, str(exc)
+            return res
+        res.status, res.error = "ok", None
+        res.image, res.width, res.height = out.data, out.width, out.height
+        res.original_width, res.original_height = out.original_width, out.original_height
+        res.sha256 = hashlib.sha256(body).hexdigest()
+        return res
+
+    # -- one request ---------------------------------------------------------------------------------------------
+    def _request(self, target: Target, want_body: bool, max_bytes: Optional[int] = None,
+                 path: Optional[str] = None, check_opt_out: bool = True) -> _Response:
+        """GET once (no redirects) under a limiter lease and a total deadline."""
+        max_bytes = self.cfg.max_bytes if max_bytes is None else max_bytes
+        lease, why = self.limiter.acquire(target.host, time.monotonic() + self.queue_timeout_s)
+        if lease is None:
+            if why == "paused":
+                return _Response("paused", error=f"host {target.host} paused by circuit breaker")
+            return _Response("timeout", error=f"waited {self.queue_timeout_s:.0f}s for a connection slot")
+        outcome, pause_s = "connection", 0.0
+        response = _Response("connection", error="request did not complete")
+        deadline = time.monotonic() + self.cfg.timeout_s
+        conn = open_connection(target, self.cfg.timeout_s)
+        token = self._watchdog.watch(deadline, conn)
+        try:
+            response = self._exchange(conn, target, path or target.path, want_body, max_bytes, deadline,
+                                      check_opt_out)
+            code = response.http_status or 0
+            if response.kind in ("timeout", "connection"):
+                outcome = response.kind
+            elif code in (429, 503):
+                outcome = "throttled"
+                pause_s = response.retry_after or 0.0
+            elif code >= 500:
+                outcome = "server_error"
+            else:
+                outcome = "ok"
+        finally:
+            conn.close()
+            fired = self._watchdog.done(token)
+            if fired:
+                outcome = "timeout"
+            self.limiter.release(target.host, lease, outcome, pause_s)
+        if fired and response.kind != "timeout":
+            response = _Response("timeout", error=f"no complete response within {self.cfg.timeout_s:g}s")
+        return response
+
+    def _exchange(self, conn, target: Target, path: str, want_body: bool, max_bytes: int, deadline: float,
+                  check_opt_out: bool) -> _Response:
+        try:
+            conn.putrequest("GET", path, skip_accept_encoding=True)
+            conn.putheader("User-Agent", self.cfg.user_agent)
+            conn.putheader("Accept", "image/avif,image/webp,image/png,image/jpeg,image/*;q=0.8,*/*;q=0.5")
+            conn.putheader("Accept-Encoding", "identity")
+            conn.putheader("Connection", "close")
+            conn.endheaders()
+            resp = conn.getresponse()
+            try:
+                return self._read_response(conn, resp, want_body, max_bytes, deadline, check_opt_out)
+            finally:
+                resp.close()
+        except (socket.timeout, TimeoutError):
+            return _Response("timeout", error=f"no response within {self.cfg.timeout_s:g}s")
+        except http.client.IncompleteRead as exc:
+            return _Response("connection", error=f"truncated body: {len(exc.partial)} bytes then closed")
+        except (http.client.HTTPException, OSError, ValueError) as exc:
+            return _Response("connection", error=f"{type(exc).__name__}: {exc}")
+
+    def _read_response(self, conn, resp, want_body: bool, max_bytes: int, deadline: float,
+                       check_opt_out: bool) -> _Response:
+        code = resp.status
+        headers = {k.lower(): v for k, v in resp.getheaders()}
+        if 300 <= code < 400 and code != 304:
+            location = resp.getheader("Location")
+            if not location:
+                return _Response("http", code, error=f"HTTP {code} without Location")
+            return _Response("redirect", code, location=location.strip())
+        if not 200 <= code < 300:
+            retry_after = parse_retry_after(resp.getheader("Retry-After")) if code in (429, 503) else None
+            return _Response("http", code, retry_after=retry_after, headers=headers)
+        if check_opt_out and self.cfg.respect_x_robots_tag:
+            directive = x_robots_opt_out(resp.headers.get_all("X-Robots-Tag") or [], self.agent)
+            if directive:
+                return _Response("opted_out", code, error=f"X-Robots-Tag: {directive}")
+        if not want_body:
+            return _Response("body", code, headers=headers)
+        length = resp.getheader("Content-Length")
+        expected = int(length) if length and length.strip().isdigit() else None
+        if expected is not None and expected > max_bytes:
+            return _Response("too_large", code, error=f"Content-Length {expected} > max_bytes {max_bytes}")
+        chunks, total = [], 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return _Response("timeout", code, error=f"body not complete within {self.cfg.timeout_s:g}s")
+            if resp.isclosed():  # http.client closes the response once Content-Length bytes are in
+                break
+            conn.raw_sock.settimeout(remaining)
+            chunk = resp.read(min(READ_CHUNK, max_bytes + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > max_bytes:
+                return _Response("too_large", code, error=f"body over max_bytes {max_bytes}")
+        if expected is not None and total < expected:
+            return _Response("connection", code, error=f"truncated body: {total} of {expected} bytes")
+        return _Response("body", code, body=b"".join(chunks), headers=headers)
+
+    # -- robots.txt ----------------------------------------------------------------------------------------------
+    def _robots_verdict(self, target: Target) -> Optional[bool]:
+        origin = f"{target.scheme}://{target.host}:{target.port}"
+        entry = self._robots.get(origin)
+        if entry is None:
+            with self._robots_guard:
+                lock = self._robots_locks.setdefault(origin, threading.Lock())
+            with lock:  # one fetch per origin per process; others wait for it
+                entry = self._robots.get(origin)
+                if entry is None:
+                    cached = self.limiter.get_robots(origin)  # the job-wide cache (one fetch per job)
+                    if cached is None:
+                        cached = self._fetch_robots(target)
+                        if cached[0] != 0 and cached[0] < 500:
+                            self.limiter.put_robots(origin, cached)
+                    entry = self._robots[origin] = cached
+        status, body = entry
+        if 200 <= status < 300:
+            parser = self._robots.get(origin + "#parsed")
+            if parser is None:
+                parser = urllib.robotparser.RobotFileParser()
+                parser.parse(body.splitlines())
+                self._robots[origin + "#parsed"] = parser
+            return parser.can_fetch(self.agent, target.url)
+        verdict = robots_allows(entry, self.agent, target.url)
+        if verdict is None:
+            self._robots.pop(origin, None)  # unreachable now: ask again for the next record
+        return verdict
+
+    def _fetch_robots(self, target: Target) -> tuple[int, str]:
+        """(http status, text); status 0 when unreachable. Redirects followed (checked) up to max_redirects."""
+        url = f"{target.scheme}://{target.host}:{target.port}/robots.txt"
+        for _hop in range(self.cfg.max_redirects + 1):
+            try:
+                hop_target = self.policy.check(url)
+            except (UnsafeURL, OSError):
+                return 404, ""  # a robots redirect to a forbidden place: no usable rules (RFC 9309: like 4xx)
+            response = self._request(hop_target, want_body=True, max_bytes=ROBOTS_MAX_BYTES, check_opt_out=False)
+            if response.kind == "redirect":
+                url = urljoin(url, response.location)
+                continue
+            if response.kind == "body":
+                return response.http_status or 200, response.body.decode("utf-8", errors="replace")
+            if response.kind == "too_large":
+                return 200, ""
+            if response.kind == "http":
+                return response.http_status or 0, ""
+            return 0, ""
+        return 404, ""
+
+    # -- local files and S3 --------------------------------------------------------------------------------------
+    def _fetch_local(self, object_id: str, uri: str) -> FetchResult:
+        from artsim.storage import Storage
+
+        if self._storage is None:
+            self._storage = Storage(self.storage_config)
+        res = FetchResult(object_id, "http_error", url_final=uri, host=None)
+        try:
+            fs, path = self._storage.fs(uri)
+            with fs.open(path, "rb") as f:
+                body = f.read(self.cfg.max_bytes + 1)
+        except FileNotFoundError:
+            res.status, res.error = "not_found", "no such file"
+            return res
+        except (OSError, ValueError) as exc:
+            res.error = f"{type(exc).__name__}: {exc}"
+            return res
+        if len(body) > self.cfg.max_bytes:
+            res.status, res.error = "too_large", f"file over max_bytes {self.cfg.max_bytes}"
+            return res
+        res.attempts = 1
+        return self._finish(res, body)

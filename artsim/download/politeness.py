@@ -1,0 +1,219 @@
+"""Being a good citizen on other people's servers: per-host caps, backoff, circuit breaker, robots rules.
+
+:class:`HostBook` is the bookkeeping (plain, single-threaded, clock passed in, so it is tested exactly). Two front
+ends use it:
+
+* :class:`LocalHostLimiter` — threads of one process (plain-function tests, a single-process run);
+* :class:`artsim.download.ray_job.HostLimiterActor` — the job-wide limiter: every worker of the job asks the same
+  actor (one per host hash bucket), so caps hold across the cluster, not per process.
+
+A grant is a *lease* with an expiry: a worker that dies while holding a connection slot cannot leak it forever.
+"""
+from __future__ import annotations
+
+import email.utils
+import math
+import random
+import threading
+import time
+import urllib.robotparser
+from dataclasses import dataclass, field
+from typing import Optional
+
+# Failures that count towards the circuit breaker: the host is struggling or unreachable. 404 and friends are
+# normal answers about one object and do not make a host "failing".
+BREAKER_OUTCOMES = frozenset({"timeout", "connection", "server_error", "throttled"})
+
+
+@dataclass
+class HostState:
+    active: int = 0
+    next_slot: float = 0.0  # earliest time the next request may start (requests-per-second cap)
+    not_before: float = 0.0  # Retry-After / backoff pause for the whole host
+    consecutive_failures: int = 0
+    open_until: float = 0.0  # circuit breaker: no requests before this time
+    times_opened: int = 0
+    leases: dict[int, float] = field(default_factory=dict)  # lease id -> expiry
+    requests: int = 0
+    max_active: int = 0
+
+
+class HostBook:
+    """Per-host connection cap, request-rate cap, pauses and circuit breaker. Not thread-safe: callers lock."""
+
+    def __init__(self, connections: int, requests_per_second: float, breaker_failures: int,
+                 breaker_cooldown_s: float, lease_s: float):
+        self.connections = connections
+        self.interval = 1.0 / requests_per_second
+        self.breaker_failures = breaker_failures
+        self.breaker_cooldown_s = breaker_cooldown_s
+        self.lease_s = lease_s
+        self.hosts: dict[str, HostState] = {}
+        self._next_lease = 1
+
+    def _state(self, host: str) -> HostState:
+        state = self.hosts.get(host)
+        if state is None:
+            state = self.hosts[host] = HostState()
+        return state
+
+    def _expire(self, state: HostState, now: float) -> None:
+        for lease, expiry in list(state.leases.items()):
+            if expiry <= now:
+                del state.leases[lease]
+                state.active -= 1
+
+    def try_acquire(self, host: str, now: float) -> tuple[Optional[int], float, Optional[str]]:
+        """(lease id, 0, None) when granted; otherwise (None, seconds to wait, reason).
+
+        The reason is "paused" when the circuit breaker is open: callers give up instead of waiting.
+        """
+        state = self._state(host)
+        self._expire(state, now)
+        if state.open_until > now:
+            return None, state.open_until - now, "paused"
+        wait = max(state.not_before, state.next_slot) - now
+        if wait > 0:
+            return None, wait, "rate"
+        if state.active >= self.connections:
+            return None, min(self.interval, 0.05), "connections"
+        lease = self._next_lease
+        self._next_lease += 1
+        state.leases[lease] = now + self.lease_s
+        state.active += 1
+        state.max_active = max(state.max_active, state.active)
+        state.requests += 1
+        state.next_slot = max(state.next_slot, now) + self.interval
+        return lease, 0.0, None
+
+    def release(self, host: str, lease: int, outcome: str, now: float, pause_s: float = 0.0) -> None:
+        """Return a slot. ``outcome``: ok, client_error, timeout, connection, server_error, throttled."""
+        state = self._state(host)
+        if state.leases.pop(lease, None) is not None:
+            state.active -= 1
+        if pause_s > 0:
+            state.not_before = max(state.not_before, now + pause_s)
+        if outcome in BREAKER_OUTCOMES:
+            state.consecutive_failures += 1
+            if state.consecutive_failures >= self.breaker_failures:
+                # Open (or re-open after a failed half-open trial): stop sending for a cooldown period.
+                state.open_until = now + self.breaker_cooldown_s
+                state.times_opened += 1
+                state.consecutive_failures = self.breaker_failures - 1  # one trial after the cooldown
+        else:
+            state.consecutive_failures = 0
+
+    def snapshot(self) -> dict:
+        return {host: {"requests": s.requests, "max_active": s.max_active, "times_paused": s.times_opened,
+                       "consecutive_failures": s.consecutive_failures}
+                for host, s in self.hosts.items()}
+
+
+class LocalHostLimiter:
+    """Thread-safe limiter for one process. Same interface as the Ray-backed client in ray_job.py."""
+
+    def __init__(self, connections: int, requests_per_second: float, breaker_failures: int,
+                 breaker_cooldown_s: float = 60.0, lease_s: float = 120.0):
+        self.book = HostBook(connections, requests_per_second, breaker_failures, breaker_cooldown_s, lease_s)
+        self._lock = threading.Condition()
+        self.robots: dict[str, tuple[int, str]] = {}
+
+    def acquire(self, host: str, deadline: float) -> tuple[Optional[int], Optional[str]]:
+        """Block until a slot is granted or ``deadline`` (monotonic) passes; (lease, None) or (None, reason)."""
+        with self._lock:
+            while True:
+                lease, wait, reason = self.book.try_acquire(host, time.monotonic())
+                if lease is not None:
+                    return lease, None
+                if reason == "paused":
+                    return None, "paused"
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None, "queue_timeout"
+                self._lock.wait(min(wait, remaining))
+
+    def release(self, host: str, lease: int, outcome: str, pause_s: float = 0.0) -> None:
+        with self._lock:
+            self.book.release(host, lease, outcome, time.monotonic(), pause_s)
+            self._lock.notify_all()
+
+    def get_robots(self, host_key: str) -> Optional[tuple[int, str]]:
+        with self._lock:
+            return self.robots.get(host_key)
+
+    def put_robots(self, host_key: str, value: tuple[int, str]) -> None:
+        with self._lock:
+            self.robots[host_key] = value
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return self.book.snapshot()
+
+
+def backoff_delay(attempt: int, base_s: float, max_s: float, rng: random.Random) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(max, base * 2**attempt)] (attempt from 0)."""
+    cap = min(max_s, base_s * math.pow(2, attempt))
+    return rng.uniform(0, cap)
+
+
+def parse_retry_after(value: Optional[str], now_epoch: Optional[float] = None) -> Optional[float]:
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP-date); None when absent/unparsable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    now_epoch = time.time() if now_epoch is None else now_epoch
+    return max(0.0, when.timestamp() - now_epoch)
+
+
+# X-Robots-Tag directives that withdraw consent for our use (AI/ML training and similarity indexing).
+OPT_OUT_DIRECTIVES = frozenset({"noai", "noimageai", "noml", "noindex", "none"})
+
+
+def x_robots_opt_out(header_values: list[str], agent: str) -> Optional[str]:
+    """The opt-out directive that applies to ``agent`` (e.g. ``artsim``) in X-Robots-Tag values, or None.
+
+    A value may be scoped to one crawler (``googlebot: noindex``); scoped values apply only when the name is ours.
+    """
+    agent = agent.lower()
+    for value in header_values:
+        scope = None
+        for raw in value.split(","):
+            token = raw.strip().lower()
+            if ":" in token:
+                head, rest = token.split(":", 1)
+                if head.strip() not in OPT_OUT_DIRECTIVES and " " not in head.strip():
+                    scope, token = head.strip(), rest.strip()
+            if scope is not None and scope not in (agent, "*"):
+                continue
+            if token in OPT_OUT_DIRECTIVES:
+                return token
+    return None
+
+
+def robots_allows(robots: tuple[int, str], agent: str, url: str) -> Optional[bool]:
+    """Decide from a cached robots.txt fetch (http status, body) whether ``agent`` may fetch ``url``.
+
+    Follows RFC 9309: 2xx → parse the rules; 4xx → no rules, everything allowed; 5xx / unreachable (status 0) →
+    None, meaning "cannot tell now": the caller records a retryable failure rather than fetching.
+    """
+    status, body = robots
+    if 400 <= status < 500:
+        return True
+    if not 200 <= status < 300:
+        return None
+    parser = urllib.robotparser.RobotFileParser()
+    parser.parse(body.splitlines())
+    return parser.can_fetch(agent, url)
+
+
+def agent_token(user_agent: str) -> str:
+    """The product token robots.txt groups match on: ``artsim/0.1 (+...)`` → ``artsim``."""
+    return user_agent.split("/", 1)[0].split(" ", 1)[0].strip() or user_agent

@@ -1,0 +1,144 @@
+"""The thin Ray layer: a job-wide host limiter (actors) and a Ray Data pipeline of shard tasks.
+
+Data flow: driver plans shards (shards.plan_shards) → ``ray.data.from_items`` (one shard per block) →
+``map(ShardWorker)`` on an actor pool (each actor: one Fetcher, ``fetch_threads`` concurrent fetches, commits its
+shard file) → small summary rows stream back to the driver for progress → report + ``_SUCCESS``.
+
+Politeness across the cluster: every fetch, on every node, takes a lease from the :class:`HostLimiterActor` that owns
+its host (hosts are spread over ``download.limiter_actors`` actors by a stable hash), so the per-host connection and
+rate caps are job-wide. See docs/download.md for why this beats routing records to workers by host.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from typing import Optional
+
+from artsim.config import Config
+from artsim.download.politeness import HostBook
+
+
+class HostLimiterActorImpl:
+    """Async actor: each pending acquire is a coroutine, so thousands of waiting fetches cost no threads."""
+
+    def __init__(self, connections: int, requests_per_second: float, breaker_failures: int,
+                 breaker_cooldown_s: float, lease_s: float):
+        self.book = HostBook(connections, requests_per_second, breaker_failures, breaker_cooldown_s, lease_s)
+        self.robots: dict[str, tuple[int, str]] = {}
+        self._changed: dict[str, asyncio.Event] = {}
+
+    async def acquire(self, host: str, wait_limit_s: float) -> tuple[Optional[int], Optional[str]]:
+        give_up = time.monotonic() + wait_limit_s
+        while True:
+            lease, wait, reason = self.book.try_acquire(host, time.monotonic())
+            if lease is not None:
+                return lease, None
+            if reason == "paused":
+                return None, "paused"
+            remaining = give_up - time.monotonic()
+            if remaining <= 0:
+                return None, "queue_timeout"
+            event = self._changed.setdefault(host, asyncio.Event())
+            try:
+                await asyncio.wait_for(event.wait(), timeout=min(wait, remaining))
+            except asyncio.TimeoutError:
+                pass
+
+    async def release(self, host: str, lease: int, outcome: str, pause_s: float = 0.0) -> None:
+        self.book.release(host, lease, outcome, time.monotonic(), pause_s)
+        event = self._changed.pop(host, None)
+        if event is not None:
+            event.set()  # wake every waiter of this host; one of them gets the slot, the others wait again
+
+    async def get_robots(self, origin: str):
+        return self.robots.get(origin)
+
+    async def put_robots(self, origin: str, value) -> None:
+        self.robots[origin] = tuple(value)
+
+    async def snapshot(self) -> dict:
+        return self.book.snapshot()
+
+
+class RayLimiterClient:
+    """The limiter interface Fetcher expects, backed by the job's limiter actors."""
+
+    def __init__(self, actors: list):
+        self.actors = actors
+
+    def _actor(self, host: str):
+        digest = hashlib.blake2b(host.encode("utf-8"), digest_size=8).digest()
+        return self.actors[int.from_bytes(digest, "big") % len(self.actors)]
+
+    def acquire(self, host: str, deadline: float):
+        import ray
+
+        wait_limit = max(0.0, deadline - time.monotonic())  # relative: clocks differ between nodes
+        return ray.get(self._actor(host).acquire.remote(host, wait_limit))
+
+    def release(self, host: str, lease: int, outcome: str, pause_s: float = 0.0) -> None:
+        # Fire and forget: calls from one process to one actor arrive in order, and a late release only makes
+        # the cap stricter for a moment.
+        self._actor(host).release.remote(host, lease, outcome, pause_s)
+
+    def get_robots(self, origin: str):
+        import ray
+
+        return ray.get(self._actor(origin).get_robots.remote(origin))
+
+    def put_robots(self, origin: str, value) -> None:
+        self._actor(origin).put_robots.remote(origin, value)
+
+
+class ShardWorker:
+    """Ray Data callable class: one per actor; owns a Fetcher (threads, watchdog, robots cache) across shards."""
+
+    def __init__(self, config: Config, limiter_actors: list):
+        from artsim.download.fetch import Fetcher
+        from artsim.storage import RunPaths, Storage
+
+        self.config = config
+        self.storage = Storage(config.storage)
+        self.images_uri = RunPaths(config.run.root).images
+        self.fetcher = Fetcher(config.download, RayLimiterClient(limiter_actors), config.storage)
+
+    def __call__(self, row: dict) -> dict:
+        import json
+
+        from artsim.download.shards import ShardTask, process_shard
+
+        task = ShardTask.from_json(row["task"])
+        summary = process_shard(task, self.fetcher, self.storage, self.images_uri,
+                                self.config.download.fetch_threads)
+        return {"summary": json.dumps(summary)}
+
+
+def start_limiters(config: Config) -> list:
+    import ray
+
+    d = config.download
+    actor_cls = ray.remote(num_cpus=0, max_concurrency=10_000)(HostLimiterActorImpl)
+    lease_s = (d.timeout_s + 5.0) * 2  # a lease outlives any request; a dead worker's slot returns after this
+    return [actor_cls.remote(d.per_host_connections, d.per_host_requests_per_second, d.circuit_breaker_failures,
+                             d.circuit_breaker_cooldown_s, lease_s)
+            for _ in range(d.limiter_actors)]
+
+
+def run_shards(config: Config, tasks: list, limiters: list, on_summary) -> None:
+    """Run shard tasks on a Ray Data actor pool; call ``on_summary(dict)`` as each shard commits."""
+    import json
+
+    import ray
+
+    if not tasks:
+        return
+    workers = config.download.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    workers = max(1, min(workers, len(tasks)))
+    ds = ray.data.from_items([{"task": t.to_json()} for t in tasks], override_num_blocks=len(tasks))
+    # One shard at a time per actor: a queued shard would sit behind a slow one instead of going to an idle actor.
+    pool = ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1)
+    ds = ds.map(ShardWorker, fn_constructor_kwargs={"config": config, "limiter_actors": limiters},
+                compute=pool, num_cpus=1)
+    for row in ds.iter_rows():
+        on_summary(json.loads(row["summary"]))

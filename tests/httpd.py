@@ -1,0 +1,230 @@
+"""A loopback HTTP server that misbehaves on purpose, for download tests and benchmarks.
+
+Routes map a path to a *behaviour* (a callable that writes the response). The server measures what politeness
+promises: the maximum number of requests it was serving at the same time (``max_concurrent``), hits per path,
+request times and headers. Run it in-process (``with MisbehavingServer() as srv``) or as a separate process
+(``python tests/httpd.py --spec FILE``) so that a job under test can be killed without killing the server.
+"""
+from __future__ import annotations
+
+import http.server
+import json
+import socket
+import sys
+import threading
+import time
+from typing import Callable, Optional
+
+Behaviour = Callable[["_Handler"], None]
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    server_version = "misbehaving/1.0"
+    protocol_version = "HTTP/1.0"  # one request per connection: connection count == request count
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        srv: MisbehavingServer = self.server.owner  # type: ignore[attr-defined]
+        path = self.path.split("?", 1)[0]
+        srv._enter(path, dict(self.headers.items()))
+        self._counted = True
+        try:
+            behaviour = srv.routes.get(path) or srv.default
+            behaviour(self)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        finally:
+            self.done_writing()
+
+    def done_writing(self):
+        """Stop counting this request as in flight (called just before the final bytes go out)."""
+        if getattr(self, "_counted", False):
+            self._counted = False
+            self.server.owner._leave()  # type: ignore[attr-defined]
+
+    # helpers for behaviours
+    def send_body(self, code: int, body: bytes, headers: Optional[dict] = None, content_type: str = "image/jpeg",
+                  content_length: Optional[int] = None):
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body) if content_length is None else content_length))
+        for k, v in (headers or {}).items():
+            for item in (v if isinstance(v, list) else [v]):
+                self.send_header(k, str(item))
+        self.end_headers()
+        self.done_writing()
+        self.wfile.write(body)
+
+
+class MisbehavingServer:
+    def __init__(self, latency_s: float = 0.0, host: str = "127.0.0.1"):
+        self.latency_s = latency_s
+        self.routes: dict[str, Behaviour] = {}
+        self.default: Behaviour = status(404)
+        self.hits: dict[str, int] = {}
+        self.request_times: dict[str, list[float]] = {}
+        self.request_headers: list[dict] = []
+        self.concurrent = 0
+        self.max_concurrent = 0
+        self._lock = threading.Lock()
+        self._httpd = http.server.ThreadingHTTPServer((host, 0), _Handler)
+        self._httpd.daemon_threads = True
+        self._httpd.request_queue_size = 512
+        self._httpd.owner = self  # type: ignore[attr-defined]
+        self._thread: Optional[threading.Thread] = None
+
+    @property
+    def port(self) -> int:
+        return self._httpd.server_address[1]
+
+    def url(self, path: str, host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.port}{path}"
+
+    def add(self, path: str, behaviour: Behaviour) -> str:
+        self.routes[path] = behaviour
+        return self.url(path)
+
+    def _enter(self, path: str, headers: dict):
+        with self._lock:
+            self.concurrent += 1
+            self.max_concurrent = max(self.max_concurrent, self.concurrent)
+            self.hits[path] = self.hits.get(path, 0) + 1
+            self.request_times.setdefault(path, []).append(time.monotonic())
+            if len(self.request_headers) < 10_000:
+                self.request_headers.append(headers)
+        if self.latency_s:
+            time.sleep(self.latency_s)
+
+    def _leave(self):
+        with self._lock:
+            self.concurrent -= 1
+
+    def start(self) -> "MisbehavingServer":
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"max_concurrent": self.max_concurrent, "hits": dict(self.hits)}
+
+
+# -- behaviours ------------------------------------------------------------------------------------------------------
+def ok(body: bytes, content_type: str = "image/jpeg", headers: Optional[dict] = None) -> Behaviour:
+    return lambda h: h.send_body(200, body, headers, content_type)
+
+
+def status(code: int, headers: Optional[dict] = None, body: bytes = b"") -> Behaviour:
+    return lambda h: h.send_body(code, body, headers, "text/plain")
+
+
+def redirect(location: str, code: int = 302) -> Behaviour:
+    return lambda h: h.send_body(code, b"", {"Location": location}, "text/plain")
+
+
+def sequence(*behaviours: Behaviour) -> Behaviour:
+    """The n-th request gets the n-th behaviour; the last one repeats."""
+    count = {"n": 0}
+    lock = threading.Lock()
+
+    def run(h):
+        with lock:
+            i = min(count["n"], len(behaviours) - 1)
+            count["n"] += 1
+        behaviours[i](h)
+
+    return run
+
+
+def slow(delay_s: float, body: bytes) -> Behaviour:
+    def run(h):
+        time.sleep(delay_s)
+        h.send_body(200, body)
+
+    return run
+
+
+def trickle(body: bytes, interval_s: float, chunk: int = 16) -> Behaviour:
+    """Sends the body a few bytes at a time: every recv() succeeds quickly, the whole takes forever."""
+    def run(h):
+        h.send_response(200)
+        h.send_header("Content-Type", "image/jpeg")
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.done_writing()
+        for i in range(0, len(body), chunk):
+            h.wfile.write(body[i:i + chunk])
+            h.wfile.flush()
+            time.sleep(interval_s)
+
+    return run
+
+
+def truncated(body: bytes, keep: int) -> Behaviour:
+    """Announces the full length, sends ``keep`` bytes, closes."""
+    def run(h):
+        h.send_body(200, body[:keep], content_length=len(body))
+        h.wfile.flush()
+        h.connection.shutdown(socket.SHUT_RDWR)
+
+    return run
+
+
+# -- as a separate process ------------------------------------------------------------------------------------------
+def _serve_directory_spec(spec: dict) -> MisbehavingServer:
+    """spec: {"latency_s": float, "files": {"/path": "local file"}, "status": {"/path": code},
+    "slow": {"/path": [delay_s, "local file"]}}"""
+    srv = MisbehavingServer(latency_s=spec.get("latency_s", 0.0))
+    for path, file in spec.get("files", {}).items():
+        with open(file, "rb") as f:
+            srv.add(path, ok(f.read()))
+    for path, code in spec.get("status", {}).items():
+        srv.add(path, status(int(code)))
+    for path, (delay, file) in spec.get("slow", {}).items():
+        with open(file, "rb") as f:
+            srv.add(path, slow(float(delay), f.read()))
+    return srv
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--spec", required=True, help="JSON file describing routes")
+    p.add_argument("--port-file", required=True, help="written with the port once serving")
+    p.add_argument("--stats-file", help="written with stats on SIGTERM / every second")
+    args = p.parse_args(argv)
+    with open(args.spec) as f:
+        spec = json.load(f)
+    srv = _serve_directory_spec(spec).start()
+    with open(args.port_file + ".tmp", "w") as f:
+        f.write(str(srv.port))
+    import os
+
+    os.replace(args.port_file + ".tmp", args.port_file)
+    try:
+        while True:
+            time.sleep(0.5)
+            if args.stats_file:
+                with open(args.stats_file + ".tmp", "w") as f:
+                    json.dump(srv.stats(), f)
+                os.replace(args.stats_file + ".tmp", args.stats_file)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
