@@ -44,7 +44,7 @@ from artsim.index.shards import ShardSet, read_shard, verify_file
 from artsim.index.topk import EMPTY_ID, exact_topk
 from artsim.storage import Storage, is_s3, join, strip_scheme
 
-__all__ = ["ShardedIndex", "parse_where"]
+__all__ = ["ShardedIndex", "parse_where", "read_index_ids"]
 
 EXACT_SUBSET_MAX_BYTES = 512 * 1024 ** 2
 MAX_QUERY_IMAGE_BYTES = 50_000_000
@@ -91,41 +91,10 @@ class ShardedIndex:
              mmap: bool = True) -> "ShardedIndex":
         storage = storage or Storage()
         uri = uri.rstrip("/")
-        manifest_uri = join(uri, MANIFEST)
-        if not storage.exists(manifest_uri):
-            raise ArtsimError(f"{uri}: no {MANIFEST} (not an artsim index, or its build has not finished)")
-        manifest = validate_manifest(storage.read_json(manifest_uri), manifest_uri)
-        local_in_place = not is_s3(uri) and cache_dir is None
-        if not local_in_place:
-            cache_dir = cache_dir or default_cache_dir()
-            os.makedirs(cache_dir, exist_ok=True)
-
-        def fetch(rel: str, sha256: str, size: int, suffix: str) -> str:
-            if local_in_place:
-                path = os.path.join(os.path.abspath(strip_scheme(uri)), *rel.split("/"))
-                if not os.path.exists(path):
-                    raise IntegrityError(f"{join(uri, rel)}: named in the manifest but missing")
-            else:
-                path = os.path.join(cache_dir, f"{sha256}{suffix}")
-                if not os.path.exists(path) or os.path.getsize(path) != size:
-                    tmp = os.path.join(cache_dir, f".{sha256}.{uuid.uuid4().hex}.tmp")
-                    try:
-                        storage.download_file(join(uri, rel), tmp)
-                        verify_file(tmp, sha256, size, join(uri, rel))
-                        os.replace(tmp, path)  # only verified bytes ever get the cache name
-                    except FileNotFoundError:
-                        raise IntegrityError(f"{join(uri, rel)}: named in the manifest but missing") from None
-                    finally:
-                        if os.path.exists(tmp):
-                            os.remove(tmp)
-            verify_file(path, sha256, size, join(uri, rel))  # every open: a cached file may have changed since
-            return path
-
-        ids_path = fetch(manifest["ids"], manifest["ids_sha256"], manifest["ids_bytes"], ".parquet")
-        table = _read_id_table(ids_path, manifest)
+        manifest, table, files = _open_manifest_and_ids(uri, storage, cache_dir)
         shards = []
         for i, entry in enumerate(manifest["shards"]):
-            path = fetch(entry["path"], entry["sha256"], entry["bytes"], ".faiss")
+            path = files.fetch(entry["path"], entry["sha256"], entry["bytes"], ".faiss")
             shard = read_shard(path, mmap=mmap)
             _check_shard(shard, entry, manifest, i)
             shards.append(shard)
@@ -159,6 +128,18 @@ class ShardedIndex:
     def _row_dicts(self, rows: np.ndarray) -> list[dict]:
         cols = [c for c in self.table.column_names if c not in _INTERNAL_COLUMNS]
         return self.table.select(cols).take(pa.array(rows, pa.int64())).to_pylist()
+
+    def faiss_ids(self, object_ids: Sequence[str]) -> np.ndarray:
+        """The int64 FAISS ids of indexed works (ArtsimError for unknown object_ids)."""
+        return self._ids[self._rows_for_objects(object_ids)]
+
+    def object_ids_of(self, ids: np.ndarray) -> np.ndarray:
+        """object_ids (object array) of FAISS ids returned by search_arrays (ids must be valid, not -1)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        positions = np.searchsorted(self._ids, ids)
+        if len(ids) and (positions.max() >= len(self._ids) or (self._ids[positions] != ids).any()):
+            raise ArtsimError("object_ids_of: an id that is not in this index")
+        return self._object_ids[positions]
 
     def vectors_for_ids(self, object_ids: Sequence[str]) -> np.ndarray:
         """Stored vectors of indexed works (decoded codes for quantized indexes)."""
@@ -318,6 +299,59 @@ class ShardedIndex:
         if self._embedder is None:
             self._embedder = embedder_for_manifest(self.manifest.get("model") or {}, self.storage)
         return self._embedder
+
+
+def read_index_ids(uri: str, storage: Optional[Storage] = None, cache_dir: Optional[str] = None
+                   ) -> tuple[dict, pa.Table]:
+    """The validated manifest and the verified id map of an index, without loading any shard."""
+    manifest, table, _ = _open_manifest_and_ids(uri.rstrip("/"), storage or Storage(), cache_dir)
+    return manifest, table
+
+
+class _VerifiedFiles:
+    """Local, sha256-verified copies of the files a manifest names."""
+
+    def __init__(self, uri: str, storage: Storage, cache_dir: Optional[str]):
+        self.uri, self.storage = uri, storage
+        self.in_place = not is_s3(uri) and cache_dir is None
+        self.cache_dir = None
+        if not self.in_place:
+            self.cache_dir = cache_dir or default_cache_dir()
+            os.makedirs(self.cache_dir, exist_ok=True)
+
+    def fetch(self, rel: str, sha256: str, size: int, suffix: str) -> str:
+        label = join(self.uri, rel)
+        if self.in_place:
+            path = os.path.join(os.path.abspath(strip_scheme(self.uri)), *rel.split("/"))
+            if not os.path.exists(path):
+                raise IntegrityError(f"{label}: named in the manifest but missing")
+        else:
+            # Content-addressed: indexes share files, and a rebuilt shard never overwrites one being read.
+            path = os.path.join(self.cache_dir, f"{sha256}{suffix}")
+            if not os.path.exists(path) or os.path.getsize(path) != size:
+                tmp = os.path.join(self.cache_dir, f".{sha256}.{uuid.uuid4().hex}.tmp")
+                try:
+                    try:
+                        self.storage.download_file(label, tmp)
+                    except FileNotFoundError:
+                        raise IntegrityError(f"{label}: named in the manifest but missing") from None
+                    verify_file(tmp, sha256, size, label)
+                    os.replace(tmp, path)  # only verified bytes ever get the cache name
+                finally:
+                    if os.path.exists(tmp):
+                        os.remove(tmp)
+        verify_file(path, sha256, size, label)  # on every open: a cached file may have changed since
+        return path
+
+
+def _open_manifest_and_ids(uri: str, storage: Storage, cache_dir: Optional[str]):
+    manifest_uri = join(uri, MANIFEST)
+    if not storage.exists(manifest_uri):
+        raise ArtsimError(f"{uri}: no {MANIFEST} (not an artsim index, or its build has not finished)")
+    manifest = validate_manifest(storage.read_json(manifest_uri), manifest_uri)
+    files = _VerifiedFiles(uri, storage, cache_dir)
+    ids_path = files.fetch(manifest["ids"], manifest["ids_sha256"], manifest["ids_bytes"], ".parquet")
+    return manifest, _read_id_table(ids_path, manifest), files
 
 
 def embedder_for_manifest(model: dict, storage: Storage):
