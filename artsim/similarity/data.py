@@ -1,0 +1,106 @@
+"""Training data for the train stage: triplets as index arrays, a held-out split, validation groups (no Ray).
+
+The split is by *object*: a stable hash of (seed, object_id) holds out ``validation_fraction`` of the objects.
+Training triplets use no held-out object at all; validation triplets have a held-out anchor and positive. The
+validation groups come from the validation triplets' reasons ("shared subject: horses" -> every held-out anchor
+and positive with that reason is one group), so recall@k measures whether unseen works land near the works a
+curator's criterion groups them with. The split is a pure function of the ids and the seed, so every worker, every
+restart and every resubmission sees the same one.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+
+from artsim.errors import ArtsimError
+
+
+def held_out_mask(object_ids: Sequence[str], fraction: float, seed: int) -> np.ndarray:
+    def unit(oid: str) -> float:
+        digest = hashlib.sha256(f"{seed}\x1f{oid}".encode("utf-8")).digest()
+        return int.from_bytes(digest[:8], "little") / 2.0 ** 64
+
+    return np.array([unit(o) < fraction for o in object_ids], dtype=bool)
+
+
+def group_key(reason: str) -> str:
+    """The criterion part of a reason ("shared subject: x; hard negative (...)" -> "shared subject: x")."""
+    return reason.split(";", 1)[0].strip()
+
+
+@dataclass
+class TrainingData:
+    object_ids: list[str]  # every object a usable triplet mentions; indices below point into this list
+    anchors: np.ndarray  # training triplets
+    positives: np.ndarray
+    negatives: np.ndarray
+    val_objects: np.ndarray  # held-out objects that appear in validation groups
+    val_relevance: list  # per val_objects position: set of positions of related held-out objects
+    val_anchors: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # validation triplets
+    val_positives: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    val_negatives: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def n_objects(self) -> int:
+        return len(self.object_ids)
+
+
+def prepare_training_data(anchor_ids: Sequence[str], positive_ids: Sequence[str], negative_ids: Sequence[str],
+                          reasons: Sequence[str], available: Optional[set] = None,
+                          validation_fraction: float = 0.2, seed: int = 0) -> TrainingData:
+    """Index arrays for the triplets whose three objects are all ``available`` (have an embedding / an image)."""
+    total = len(anchor_ids)
+    keep = [i for i in range(total) if available is None
+            or (anchor_ids[i] in available and positive_ids[i] in available and negative_ids[i] in available)]
+    if not keep:
+        raise ArtsimError("train: no triplet has all three objects available (embeddings or images missing?)")
+    object_ids = sorted({x for i in keep for x in (anchor_ids[i], positive_ids[i], negative_ids[i])})
+    index = {oid: j for j, oid in enumerate(object_ids)}
+    a = np.array([index[anchor_ids[i]] for i in keep], dtype=np.int64)
+    p = np.array([index[positive_ids[i]] for i in keep], dtype=np.int64)
+    n = np.array([index[negative_ids[i]] for i in keep], dtype=np.int64)
+    held = held_out_mask(object_ids, validation_fraction, seed) if validation_fraction > 0 else \
+        np.zeros(len(object_ids), bool)
+    train = ~held[a] & ~held[p] & ~held[n]
+    val = held[a] & held[p]
+    if not train.any():
+        raise ArtsimError("train: no training triplets are left after holding out "
+                          f"{validation_fraction:.0%} of the objects; lower train.validation_fraction")
+    # Validation groups: held-out anchor/positive pairs, joined by the criterion that made them similar.
+    groups: dict[str, set] = defaultdict(set)
+    kept_reasons = [reasons[i] for i in keep]
+    for t in np.flatnonzero(val):
+        key = group_key(kept_reasons[t])
+        groups[key].update((int(a[t]), int(p[t])))
+    val_objects = np.array(sorted({o for g in groups.values() for o in g}), dtype=np.int64)
+    position = {int(o): j for j, o in enumerate(val_objects)}
+    relevance = [set() for _ in val_objects]
+    for members in groups.values():
+        for o in members:
+            relevance[position[o]].update(position[m] for m in members if m != o)
+    return TrainingData(
+        object_ids=object_ids, anchors=a[train], positives=p[train], negatives=n[train],
+        val_objects=val_objects, val_relevance=relevance,
+        val_anchors=a[val], val_positives=p[val], val_negatives=n[val],
+        stats={"triplets": total, "usable": len(keep), "unavailable": total - len(keep),
+               "train_triplets": int(train.sum()), "validation_triplets": int(val.sum()),
+               "held_out_objects": int(held.sum()), "validation_objects": len(val_objects),
+               "validation_groups": len(groups)})
+
+
+def epoch_batches(n_triplets: int, batch_size: int, epoch: int, seed: int, rank: int, world: int) -> list:
+    """This worker's batches (arrays of triplet indices) for one epoch.
+
+    One permutation per (seed, epoch), identical on every worker; worker r takes every world-th triplet from
+    position r. Each worker gets the same number of batches (DDP needs every rank to step together), so up to
+    world - 1 triplets are left out per epoch (different ones each epoch).
+    """
+    order = np.random.default_rng([seed, epoch]).permutation(n_triplets)
+    per_worker = n_triplets // world
+    mine = order[rank::world][:per_worker]
+    return [mine[i:i + batch_size] for i in range(0, per_worker, batch_size)]

@@ -1,0 +1,250 @@
+"""The thin Ray Train layer: one training loop per worker (DDP over gloo on CPU / nccl on GPU), checkpoints every
+epoch to run storage, restart from the last checkpoint after a worker failure, resume on resubmission.
+
+Checkpoint directory (nothing in it is pickled):
+    model.safetensors   the trainable module's state ("head.*", and "backbone.*" in finetune mode)
+    optimizer.pt        the optimizer state, read back with torch.load(weights_only=True)
+    state.json          {"epoch", "history" (metrics per epoch, epoch 0 = untrained), "sessions", "fingerprint"}
+
+Everything the loop needs arrives in ``config``: plain values, plus an ObjectRef to the prepared TrainingData and
+its features or image bytes (put in the object store once by the driver, shared zero-copy by workers on a node).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from typing import Callable, Optional
+
+import numpy as np
+
+CHECKPOINT_MODEL = "model.safetensors"
+CHECKPOINT_OPTIMIZER = "optimizer.pt"
+CHECKPOINT_STATE = "state.json"
+
+
+def read_checkpoint_dir(path: str) -> tuple[dict, dict]:
+    """(model state dict, state.json) of a checkpoint directory."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(path, CHECKPOINT_STATE), encoding="utf-8") as f:
+        state = json.load(f)
+    return load_file(os.path.join(path, CHECKPOINT_MODEL)), state
+
+
+def _write_checkpoint_dir(path: str, model, optimizer, state: dict) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(tensors, os.path.join(path, CHECKPOINT_MODEL))
+    torch.save(optimizer.state_dict(), os.path.join(path, CHECKPOINT_OPTIMIZER))
+    with open(os.path.join(path, CHECKPOINT_STATE), "w", encoding="utf-8") as f:
+        json.dump(state, f)
+
+
+def _build_model(config: dict, payload: dict):
+    """(model, encode) where encode(object indices, training) -> unit vectors (torch) for those objects."""
+    import torch
+
+    from artsim.similarity.models import FinetuneModel, HeadModel
+
+    torch.manual_seed(config["seed"])  # every rank starts from the same weights (DDP also broadcasts them)
+    if config["mode"] == "head":
+        model = HeadModel(config["head"])
+        import warnings
+
+        with warnings.catch_warnings():
+            # The features are a read-only view of the object store (shared, not copied); nothing writes to them.
+            warnings.simplefilter("ignore", UserWarning)
+            features = torch.from_numpy(payload["features"])
+
+        def encode(objects: np.ndarray, training: bool, module=None):
+            return (module or model)(features[torch.from_numpy(objects)])
+
+        return model, encode
+
+    from artsim.config import EmbedConfig, StorageConfig
+    from artsim.embed.artifact import build_embedder, build_head
+    from artsim.embed.preprocess import normalize
+    from artsim.storage import Storage
+
+    embedder = build_embedder(EmbedConfig(**config["embed"]), Storage(StorageConfig(**config["storage"])))
+    head = embedder.head if embedder.head is not None else build_head(config["head"])
+    model = FinetuneModel(embedder.backbone, head)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    # Decode every image once (uint8, crop size), with exactly the preprocessing the embed stage uses.
+    pixels = np.stack([embedder.preprocess_pixels(b) for b in payload["images"]])
+    mean, std = embedder.spec.mean, embedder.spec.std
+
+    def encode(objects: np.ndarray, training: bool, module=None):
+        batch = torch.from_numpy(pixels[objects])
+        if training:  # horizontal flips: a mirrored painting shows the same subject
+            flip = torch.rand(len(objects)) < 0.5
+            batch[flip] = batch[flip].flip(dims=[2])
+        device = next((module or model).parameters()).device
+        return (module or model)(normalize(batch.to(device), mean, std))
+
+    return model, encode
+
+
+def _evaluate(encode: Callable, module, data, k: int, margin: float) -> dict:
+    import torch
+
+    from artsim.similarity.evaluate import recall_at_k
+    from artsim.similarity.losses import triplet_loss
+
+    out: dict = {}
+    module.eval()
+    with torch.no_grad():
+        if len(data.val_objects) >= 2:
+            vecs = torch.cat([encode(chunk, False, module) for chunk in np.array_split(
+                data.val_objects, max(1, len(data.val_objects) // 256))]).cpu().numpy()
+            r = recall_at_k(vecs, data.val_relevance, k)
+            out[f"val_recall@{k}"] = r["recall"]
+            out["val_queries"] = r["queries"]
+        if len(data.val_anchors):
+            objs, inv = np.unique(np.concatenate([data.val_anchors, data.val_positives, data.val_negatives]),
+                                  return_inverse=True)
+            emb = torch.cat([encode(chunk, False, module) for chunk in np.array_split(objs, max(1, len(objs) // 256))])
+            m = len(data.val_anchors)
+            ai, pi, ni = (torch.from_numpy(inv[i * m:(i + 1) * m]) for i in range(3))
+            loss, st = triplet_loss(emb, ai, pi, ni, margin)
+            out["val_loss"] = float(loss)
+            d_ap = 1 - (emb[ai] * emb[pi]).sum(1)
+            d_an = 1 - (emb[ai] * emb[ni]).sum(1)
+            out["val_triplet_accuracy"] = float((d_ap < d_an).float().mean())
+    return out
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+
+    from artsim.similarity.data import epoch_batches
+    from artsim.similarity.losses import positive_pair_keys, triplet_loss, valid_negative_mask
+
+    torch.set_num_threads(max(1, int(config["threads"])))
+    payload = ray.get(config["payload"])
+    data = payload["data"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    raw_model, encode = _build_model(config, payload)
+
+    start_epoch, history, sessions = 0, [], []
+    checkpoint = ray.train.get_checkpoint()
+    optimizer_state = None
+    if checkpoint:
+        with checkpoint.as_directory() as path:
+            state_dict, state = read_checkpoint_dir(path)
+            if state.get("fingerprint") != config["fingerprint"]:
+                raise ValueError(f"the checkpoint of run {config['name']!r} was trained with other settings "
+                                 f"({state.get('fingerprint')} vs {config['fingerprint']}); choose another "
+                                 "train.name or delete models/<name>/")
+            raw_model.load_state_dict(state_dict, strict=True)
+            optimizer_state = torch.load(os.path.join(path, CHECKPOINT_OPTIMIZER), weights_only=True)
+        start_epoch, history, sessions = int(state["epoch"]), state["history"], state["sessions"]
+    sessions = sessions + [{"start_epoch": start_epoch + 1, "world_size": world, "time": time.time()}]
+
+    model = ray.train.torch.prepare_model(raw_model)  # DDP when world > 1; moves to the worker's device
+    module = model.module if hasattr(model, "module") else model  # for evaluation without DDP hooks
+    params = [{"params": [p for n, p in module.named_parameters() if not n.startswith("backbone.")],
+               "lr": config["learning_rate"]}]
+    backbone_params = [p for n, p in module.named_parameters() if n.startswith("backbone.")]
+    if backbone_params:
+        params.append({"params": backbone_params, "lr": config["backbone_learning_rate"]})
+    optimizer = torch.optim.Adam(params)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+
+    k, margin, mining = config["recall_k"], config["margin"], config["mining"]
+    pair_keys = positive_pair_keys(data.anchors, data.positives, data.n_objects) if mining != "none" else None
+    if not history and rank == 0:
+        history.append({"epoch": 0, **_evaluate(encode, module, data, k, margin)})  # the untrained model
+    crash_epoch, crash_marker = config.get("crash_at_epoch"), config.get("crash_marker")
+
+    for epoch in range(start_epoch + 1, config["epochs"] + 1):
+        started = time.perf_counter()
+        model.train()
+        batches = epoch_batches(len(data.anchors), config["batch_size"], epoch, config["seed"], rank, world)
+        total_loss, total_active, seen = 0.0, 0.0, 0
+        for step, batch in enumerate(batches):
+            if (crash_epoch == epoch and rank == world - 1 and step == len(batches) // 2 and crash_marker
+                    and not os.path.exists(crash_marker)):
+                # Test-only fault injection (ARTSIM_TEST_CRASH_AT_EPOCH): die like a killed process, once.
+                open(crash_marker, "w").close()
+                os._exit(1)
+            a, p, n = data.anchors[batch], data.positives[batch], data.negatives[batch]
+            objects, inverse = np.unique(np.concatenate([a, p, n]), return_inverse=True)
+            m = len(batch)
+            ai, pi, ni = (torch.from_numpy(inverse[i * m:(i + 1) * m]) for i in range(3))
+            emb = encode(objects, True, model)
+            valid = None
+            if mining != "none":
+                valid = torch.from_numpy(valid_negative_mask(a, p, objects, pair_keys, data.n_objects))
+            loss, stats = triplet_loss(emb, ai.to(emb.device), pi.to(emb.device), ni.to(emb.device), margin,
+                                       mining, valid.to(emb.device) if valid is not None else None)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total_loss += float(loss) * m
+            total_active += stats["active"] * m
+            seen += m
+        sums = torch.tensor([total_loss, total_active, float(seen)], dtype=torch.float64)
+        if world > 1 and dist.is_initialized():
+            dist.all_reduce(sums)
+        seconds = time.perf_counter() - started
+        metrics = {"epoch": epoch, "train_loss": float(sums[0] / max(sums[2], 1)),
+                   "train_active": float(sums[1] / max(sums[2], 1)), "train_triplets": int(sums[2]),
+                   "epoch_seconds": seconds, "triplets_per_second": float(sums[2]) / max(seconds, 1e-9)}
+        if rank == 0:
+            metrics.update(_evaluate(encode, module, data, k, margin))
+            history.append(metrics)
+            recall = metrics.get(f"val_recall@{k}")
+            print(f"[artsim] train: epoch {epoch}/{config['epochs']} loss {metrics['train_loss']:.4f} "
+                  f"val recall@{k} {recall if recall is None else round(recall, 4)} "
+                  f"({seconds:.1f} s, {metrics['triplets_per_second']:.0f} triplets/s)", flush=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                _write_checkpoint_dir(tmp, module, optimizer, {
+                    "epoch": epoch, "history": history, "sessions": sessions, "fingerprint": config["fingerprint"]})
+                ray.train.report(_scalar(metrics), checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(_scalar(metrics))
+
+
+def _scalar(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v == v}
+
+
+def fit(loop_config: dict, num_workers: int, use_gpu: bool, cpus_per_worker: int, name: str, storage_uri: str,
+        storage, max_failures: int, keep_checkpoints: int):
+    """Run the TorchTrainer; returns ray.train.Result. storage_uri: the directory that holds models/<name>/."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    fs, path = storage.arrow_fs(storage_uri)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=RunConfig(
+            name=name, storage_path=path, storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
+        ),
+    )
+    return trainer.fit()
+
+
+def latest_checkpoint_state(result) -> Optional[tuple[dict, dict]]:
+    if result.checkpoint is None:
+        return None
+    with result.checkpoint.as_directory() as path:
+        return read_checkpoint_dir(path)

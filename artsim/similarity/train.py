@@ -1,0 +1,222 @@
+"""The train stage: triplets/ + embeddings (head mode) or images (finetune mode) -> models/<train.name>/.
+
+models/<name>/ holds Ray Train's run directory (checkpoint_* every epoch, its snapshot for resumption), and:
+    export/         the artifact (artsim.embed.artifact) that ``embed.weights: <this URI>`` accepts
+    history.json    metrics per epoch (epoch 0 = the untrained model), sessions (restarts), data statistics
+    recall.png      validation recall@k and losses per epoch
+
+Submitting the job again with the same train.name resumes from the last checkpoint (train.epochs may be raised
+to train further); a worker failure restarts the workers from the last checkpoint (train.max_failures).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import time
+
+import numpy as np
+
+from artsim.config import TrainConfig
+from artsim.console import say, table
+from artsim.errors import ArtsimError, ConfigError
+from artsim.similarity.data import TrainingData, prepare_training_data
+from artsim.similarity.models import head_description, split_state
+from artsim.storage import join
+
+# Test-only fault injection: a worker exits (os._exit) in the middle of this epoch, once (the marker file says
+# it happened). Read by the driver and passed to the workers in their config.
+CRASH_AT_EPOCH_ENV = "ARTSIM_TEST_CRASH_AT_EPOCH"
+CRASH_MARKER_ENV = "ARTSIM_TEST_CRASH_MARKER"
+
+
+def _fingerprint(cfg: TrainConfig, head: dict, spec_dict: dict) -> str:
+    """What must match for a checkpoint to be resumable (not epochs, workers or learning rate)."""
+    key = json.dumps({"mode": cfg.mode, "head": head, "backbone": spec_dict.get("backbone")}, sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _read_triplets(ctx) -> dict:
+    uri = ctx.paths.triplets
+    tab = ctx.storage.read_table(uri, columns=["anchor_id", "positive_id", "negative_id", "reason"])
+    if tab.num_rows == 0:
+        raise ArtsimError(f"{uri}: no triplets; run the mine stage on a collection with related works")
+    return {name: tab.column(name).to_pylist() for name in tab.column_names}
+
+
+def load_head_inputs(ctx, cfg: TrainConfig, triplets: dict):
+    """(embedder spec, features by object for TrainingData, data) for head mode."""
+    from artsim.embed.artifact import build_embedder, model_key
+    from artsim.similarity.mine import load_embedding_matrix
+
+    embedder = build_embedder(ctx.config.embed, ctx.storage)
+    if embedder.head is not None:
+        raise ConfigError("embed.weights", "train.mode=head trains a head over backbone embeddings, but this "
+                                           "artifact already has a head; set embed.weights to the backbone's "
+                                           "weights (or null) or use train.mode=finetune")
+    key = cfg.embeddings or model_key(ctx.config.embed)
+    uri = ctx.paths.embeddings(key)
+    if not ctx.storage.is_complete(uri):
+        raise ArtsimError(f"{uri}: no complete embeddings (run the embed stage with the same embed section, or "
+                          "set train.embeddings)")
+    ids, matrix = load_embedding_matrix(ctx.storage, uri)
+    if matrix.shape[1] != embedder.spec.feature_dim:
+        raise ArtsimError(f"{uri}: embeddings have {matrix.shape[1]} dimensions but {embedder.spec.backbone} "
+                          f"gives {embedder.spec.feature_dim}; they come from another model")
+    data = prepare_training_data(triplets["anchor_id"], triplets["positive_id"], triplets["negative_id"],
+                                 triplets["reason"], set(ids), cfg.validation_fraction, cfg.seed)
+    row = {oid: i for i, oid in enumerate(ids)}
+    features = matrix[[row[o] for o in data.object_ids]]
+    return embedder.spec, data, {"data": data, "features": features}, uri
+
+
+def load_finetune_inputs(ctx, cfg: TrainConfig, triplets: dict):
+    from artsim.embed.artifact import build_embedder
+
+    embedder = build_embedder(ctx.config.embed, ctx.storage)
+    needed = set(triplets["anchor_id"]) | set(triplets["positive_id"]) | set(triplets["negative_id"])
+    tab = ctx.storage.read_table(ctx.paths.images, columns=["object_id", "status", "image"])
+    images = {}
+    for oid, status, image in zip(*(tab.column(c).to_pylist() for c in ("object_id", "status", "image"))):
+        if status == "ok" and image and oid in needed:
+            images[oid] = image
+    data = prepare_training_data(triplets["anchor_id"], triplets["positive_id"], triplets["negative_id"],
+                                 triplets["reason"], set(images), cfg.validation_fraction, cfg.seed)
+    # Bad image bytes must not kill a worker: check that each decodes here (a status, not a crash).
+    from artsim.embed.preprocess import ImageDecodeError, decode_rgb
+
+    bad = []
+    for oid in data.object_ids:
+        try:
+            decode_rgb(images[oid], embedder.spec.resize_size)
+        except ImageDecodeError as exc:
+            bad.append((oid, str(exc)))
+    if bad:
+        say(f"train: {len(bad)} images do not decode and are left out (e.g. {bad[0][0]}: {bad[0][1]})")
+        ok = set(data.object_ids) - {b[0] for b in bad}
+        data = prepare_training_data(triplets["anchor_id"], triplets["positive_id"], triplets["negative_id"],
+                                     triplets["reason"], ok, cfg.validation_fraction, cfg.seed)
+    return embedder.spec, data, {"data": data, "images": [images[o] for o in data.object_ids]}, ctx.paths.images
+
+
+def plot_history(history: list, k: int, title: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    recall = [h.get(f"val_recall@{k}", np.nan) for h in history]
+    ax1.plot(epochs, recall, marker="o", label=f"validation recall@{k}")
+    acc = [h.get("val_triplet_accuracy", np.nan) for h in history]
+    ax1.plot(epochs, acc, marker="s", label="validation triplet accuracy")
+    ax1.set_xlabel("epoch (0 = untrained)")
+    ax1.set_ylim(0, 1.02)
+    ax1.legend()
+    ax1.grid(alpha=0.3)
+    ax2.plot([h["epoch"] for h in history if "train_loss" in h], [h["train_loss"] for h in history
+                                                                  if "train_loss" in h], marker="o", label="train")
+    ax2.plot(epochs, [h.get("val_loss", np.nan) for h in history], marker="s", label="validation")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("triplet loss")
+    ax2.legend()
+    ax2.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def run_train(ctx, **_options) -> dict:
+    import ray
+
+    from artsim.embed.artifact import save_artifact
+    from artsim.similarity import ray_train
+
+    cfg: TrainConfig = ctx.config.train
+    started = time.perf_counter()
+    triplets = _read_triplets(ctx)
+    loader = load_head_inputs if cfg.mode == "head" else load_finetune_inputs
+    spec, data, payload, source = loader(ctx, cfg, triplets)
+    data: TrainingData
+    if cfg.mode == "head":
+        in_dim = spec.feature_dim
+    else:
+        in_dim = spec.feature_dim if spec.head is None else spec.head["in_dim"]
+    head = spec.head if (cfg.mode == "finetune" and spec.head is not None) else \
+        head_description(in_dim, cfg.head_dim, cfg.head_hidden_dims)
+    say(f"train: mode {cfg.mode}, {data.stats['train_triplets']} training / {data.stats['validation_triplets']} "
+        f"validation triplets over {data.n_objects} objects ({data.stats['unavailable']} triplets lack "
+        f"{'embeddings' if cfg.mode == 'head' else 'images'}; inputs from {source})")
+    if len(data.anchors) < cfg.num_workers:
+        raise ArtsimError(f"train: {len(data.anchors)} training triplets cannot feed {cfg.num_workers} workers")
+    models_uri = join(ctx.paths.root, "models")
+    model_uri = ctx.paths.model(cfg.name)
+    loop_config = {
+        "name": cfg.name, "mode": cfg.mode, "head": head, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
+        "learning_rate": cfg.learning_rate,
+        "backbone_learning_rate": cfg.backbone_learning_rate if cfg.backbone_learning_rate is not None
+        else cfg.learning_rate / 10,
+        "margin": cfg.margin, "mining": cfg.mining, "seed": cfg.seed, "recall_k": cfg.recall_k,
+        "threads": cfg.cpus_per_worker, "fingerprint": _fingerprint(cfg, head, spec.to_dict()),
+        "embed": dataclasses.asdict(ctx.config.embed), "storage": dataclasses.asdict(ctx.config.storage),
+        "payload": ray.put(payload),
+    }
+    if os.environ.get(CRASH_AT_EPOCH_ENV):
+        loop_config["crash_at_epoch"] = int(os.environ[CRASH_AT_EPOCH_ENV])
+        loop_config["crash_marker"] = os.environ.get(CRASH_MARKER_ENV)
+    say(f"train: {cfg.num_workers} workers ({'GPU, nccl' if cfg.use_gpu else 'CPU, gloo'}), {cfg.epochs} epochs, "
+        f"checkpoints in {model_uri}")
+    result = ray_train.fit(loop_config, cfg.num_workers, cfg.use_gpu, cfg.cpus_per_worker, cfg.name, models_uri,
+                           ctx.storage, cfg.max_failures, cfg.keep_checkpoints)
+    if result.error is not None:
+        raise ArtsimError(f"train: training failed: {str(result.error).strip().splitlines()[-1][:500]}")
+    latest = ray_train.latest_checkpoint_state(result)
+    if latest is None:
+        raise ArtsimError(f"train: the run {cfg.name!r} produced no checkpoint")
+    state_dict, state = latest
+    history = state["history"]
+
+    backbone_state, head_state = split_state(state_dict)
+    finetuned = cfg.mode == "finetune"
+    export_spec = dataclasses.replace(spec, head=head, output_dim=int(head["out_dim"]),
+                                      includes_backbone_weights=finetuned)
+    export_uri = ctx.paths.model_export(cfg.name)
+    weights_id = save_artifact(ctx.storage, export_uri, export_spec,
+                               backbone_state=backbone_state if finetuned else None, head_state=head_state)
+    k = cfg.recall_k
+    before = history[0].get(f"val_recall@{k}")
+    after = history[-1].get(f"val_recall@{k}")
+    trained_epochs = [h for h in history if h["epoch"] > 0]
+    epoch_seconds = float(np.mean([h["epoch_seconds"] for h in trained_epochs])) if trained_epochs else None
+    summary = {
+        "mode": cfg.mode, "epochs": state["epoch"], "sessions": state["sessions"],
+        "restarts": len(state["sessions"]) - 1, "data": data.stats,
+        f"val_recall@{k}_untrained": before, f"val_recall@{k}": after,
+        "epoch_seconds_mean": epoch_seconds, "export": export_uri, "weights_id": weights_id,
+        "history": history,
+    }
+    ctx.storage.write_json(join(model_uri, "history.json"), summary)
+    ctx.storage.write_bytes(join(model_uri, "recall.png"),
+                            plot_history(history, k, f"{cfg.name}: {cfg.mode} mode, {cfg.mining} mining"))
+    table(["epoch", "train loss", "val loss", f"val recall@{k}", "val triplet acc", "seconds"],
+          [(h["epoch"], _fmt(h.get("train_loss")), _fmt(h.get("val_loss")), _fmt(h.get(f"val_recall@{k}")),
+            _fmt(h.get("val_triplet_accuracy")), _fmt(h.get("epoch_seconds"), 1)) for h in history])
+    if summary["restarts"]:
+        say(f"train: resumed {summary['restarts']} time(s) from a checkpoint (sessions started at epochs "
+            f"{[s['start_epoch'] for s in state['sessions']]})")
+    say(f"train: done in {time.perf_counter() - started:.1f} s; validation recall@{k} {_fmt(before)} untrained -> "
+        f"{_fmt(after)}; exported to {export_uri} (use embed.weights: {export_uri}, embed.model: {spec.backbone}); "
+        f"plot {join(model_uri, 'recall.png')}")
+    return {k_: v for k_, v in summary.items() if k_ != "history"}
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "-"
+    return f"{value:.{digits}f}"
