@@ -216,12 +216,37 @@ class TrainConfig:
     head_dim: int = 256
     validation_fraction: float = 0.2
     seed: int = 0
+    head_hidden_dims: list[int] = field(default_factory=list)  # [] = linear head; e.g. [512] = one hidden layer
+    backbone_learning_rate: Optional[float] = None  # finetune: null = learning_rate / 10
+    cpus_per_worker: int = 1
+    recall_k: int = 10  # validation recall@k on held-out objects every epoch
+    max_failures: int = 3  # worker failures to recover from (restart from the last checkpoint)
+    keep_checkpoints: int = 2  # newest checkpoints kept under models/<name>/
+    embeddings: Optional[str] = None  # head mode: embeddings/<key>/; null: the embed section's model key
 
     def check(self):
         if self.num_workers < 1:
             yield "num_workers", "must be at least 1"
         if self.epochs < 1:
             yield "epochs", "must be at least 1"
+        if self.batch_size < 2:
+            yield "batch_size", "must be at least 2"
+        if self.learning_rate <= 0:
+            yield "learning_rate", "must be positive"
+        if self.backbone_learning_rate is not None and self.backbone_learning_rate < 0:
+            yield "backbone_learning_rate", "must be 0 or more"
+        if self.head_dim < 1 or any(d < 1 for d in self.head_hidden_dims):
+            yield "head_dim", "dimensions must be at least 1"
+        if self.cpus_per_worker < 1:
+            yield "cpus_per_worker", "must be at least 1"
+        if self.recall_k < 1:
+            yield "recall_k", "must be at least 1"
+        if self.max_failures < -1:
+            yield "max_failures", "must be -1 (unlimited) or more"
+        if self.keep_checkpoints < 1:
+            yield "keep_checkpoints", "must be at least 1"
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            yield "name", "must be a plain directory name"
         if not 0 < self.margin < 2:
             yield "margin", "must be in (0, 2) for cosine distance"
         if not 0 <= self.validation_fraction < 1:
