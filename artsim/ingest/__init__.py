@@ -21,7 +21,8 @@ from urllib.parse import quote
 import pyarrow as pa
 
 from artsim.config import SourceConfig
-from artsim.console import Progress, say, table
+from artsim.console import Progress, say
+from artsim.console import table as print_table  # not "table": that name is the artsim.ingest.table module
 from artsim.errors import ArtsimError, ConfigError
 from artsim.ingest.common import BadRow
 from artsim.ingest.europeana import parse_europeana
@@ -270,7 +271,7 @@ def run_ingest(ctx) -> dict:
         for n, offset in enumerate(range(0, max(records.num_rows, 1), ROWS_PER_FILE)):
             ctx.storage.write_parquet_file(records.slice(offset, ROWS_PER_FILE), join(staging, f"part-{n:05d}.parquet"))
         ctx.storage.write_json(join(staging, "_report.json"), report)
-    table(["source", "kind", "collection", "rows read", "records", "duplicates", "no image url", "unparsable"],
+    print_table(["source", "kind", "collection", "rows read", "records", "duplicates", "no image url", "unparsable"],
           [(s.source, s.kind, s.collection, s.rows_read, s.records_written, s.duplicate_ids, s.missing_image_url,
             s.unparsable_rows) for s in per_source]
           + [("total", "", "", total.rows_read, total.records_written, total.duplicate_ids,
