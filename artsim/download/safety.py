@@ -67,8 +67,7 @@ def blocked_reason(address: str) -> Optional[str]:
             embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
         if embedded is not None:
             inner = blocked_reason(str(embedded))
-            if inner:
-                return f"{inner} (embedded in {ip})"
+            return f"{inner} (embedded in {ip})" if inner else None
         if ip in _NAT64_LOCAL:
             return "local-use NAT64"
     checks = (
@@ -175,7 +174,8 @@ class URLPolicy:
             for address in addresses:
                 reason = blocked_reason(address)
                 if reason:
-                    raise UnsafeURL("blocked_address", f"{host_ascii} resolves to {address} ({reason})")
+                    where = address if address == host_ascii else f"{host_ascii} resolves to {address}"
+                    raise UnsafeURL("blocked_address", f"{where}: {reason} address refused")
         clean = urlunsplit((scheme, parts.netloc, parts.path or "/", parts.query, ""))
         return Target(url=clean, scheme=scheme, host=host_ascii, port=port, path=path, address=addresses[0])
 
