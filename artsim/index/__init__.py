@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import io
 import logging
+
+# faiss announces at INFO which CPU build it loads (and that the AVX512 one is missing); `artsim query` users
+# would see that on every call. Warnings and errors still come through.
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 import os
 import tempfile
 import time
