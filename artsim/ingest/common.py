@@ -30,6 +30,9 @@ class BadRow:
 
 def text(value: Any) -> Optional[str]:
     """A cleaned single text value: strings stripped, numbers as text, empty -> None."""
+    if type(value) is str:  # the common case first: this runs for every cell of every row
+        s = value.strip()
+        return s[:MAX_TEXT] if s else None
     if value is None or isinstance(value, (dict, list, tuple)):
         return None
     if isinstance(value, bool):
@@ -94,6 +97,11 @@ def year(value: Any) -> Optional[int]:
     return begin if begin is not None else end
 
 
+def _is_clean_list(value: Any) -> bool:
+    return (type(value) is list and len(value) <= MAX_LIST and len(set(value)) == len(value)
+            and all(type(v) is str and v and v == v.strip() and len(v) <= MAX_TEXT for v in value))
+
+
 def make_record(collection: str, local_id: str, source: str, **fields: Any) -> dict:
     """A canonical record: every schema field present, lists as lists, texts cleaned, years derived from ``date``
     when the source gives no numeric years."""
@@ -103,7 +111,8 @@ def make_record(collection: str, local_id: str, source: str, **fields: Any) -> d
         raise TypeError(f"unknown record fields {sorted(unknown)}")
     for name, value in fields.items():
         if name in LIST_FIELDS:
-            record[name] = text_list(value)
+            # Parsers usually pass lists text_list() already cleaned; only clean again what is not yet clean.
+            record[name] = value if _is_clean_list(value) else text_list(value)
         elif name in ("date_begin", "date_end"):
             record[name] = year(value) if value is not None else None
         else:
