@@ -1,0 +1,200 @@
+"""The download stage on real local Ray: job-wide politeness, exactly-once output, incremental, retry, kill/resume."""
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import httpd  # noqa: E402
+from httpd import MisbehavingServer  # noqa: E402
+
+from artsim.config import config_from_dict  # noqa: E402
+from artsim.download import run_download  # noqa: E402
+from artsim.download.shards import read_committed, shard_files  # noqa: E402
+from artsim.runtime import RunContext  # noqa: E402
+from artsim.schema import empty_record, records_table  # noqa: E402
+from artsim.storage import SUCCESS, join  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def jpeg(width=900, height=600, shade=90) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (shade, 120, 200)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def record(object_id: str, url: str) -> dict:
+    r = empty_record()
+    r.update(object_id=object_id, collection=object_id.split(":")[0], image_url=url, license="CC0")
+    return r
+
+
+def make_ctx(root: str, **download) -> RunContext:
+    tree = {"run": {"root": root}, "download": {"allow_hosts": ["127.0.0.1"], "timeout_s": 2.0,
+                                                 "backoff_base_s": 0.05, "retries": 1, **download}}
+    return RunContext(config_from_dict(tree))
+
+
+def committed_pairs(ctx) -> list[tuple[str, str]]:
+    table = read_committed(ctx.storage, ctx.paths.images)
+    return list(zip(table.column("object_id").to_pylist(), table.column("status").to_pylist()))
+
+
+def test_job_exactly_once_politeness_incremental_and_retry(ray_session, tmp_path):
+    image = jpeg()
+    with MisbehavingServer(latency_s=0.05) as srv:
+        rows, want = [], {}
+        for i in range(30):
+            kind = ("ok", "missing", "down", "noai", "ok", "ok")[i % 6]
+            path = f"/{kind}/{i}.jpg"
+            srv.add(path, {"ok": httpd.ok(image), "missing": httpd.status(404), "down": httpd.status(502),
+                           "noai": httpd.ok(image, headers={"X-Robots-Tag": "noai"})}[kind])
+            rows.append(record(f"t:{i}", srv.url(path)))
+            want[f"t:{i}"] = {"ok": "ok", "missing": "not_found", "down": "http_error", "noai": "opted_out"}[kind]
+        ctx = make_ctx(str(tmp_path / "run"), shard_size=6, workers=3, per_host_connections=2,
+                       per_host_requests_per_second=200, fetch_threads=16)
+        ctx.storage.write_table(records_table(rows), ctx.paths.records)
+
+        report = run_download(ctx)
+
+        pairs = committed_pairs(ctx)
+        assert len(pairs) == 30 and dict(pairs) == want  # every record exactly once, right status
+        assert srv.max_concurrent == 2  # three worker processes x 16 threads, one job-wide cap of 2
+        assert report["max_concurrent_connections_per_host"]["127.0.0.1"] <= 2
+        assert report["complete"] and ctx.storage.is_complete(ctx.paths.images)
+        assert report["by_status"] == dict(Counter(want.values()))
+        assert report["this_run"]["records"] == 30 and report["this_run"]["records_per_s"] > 0
+        saved = ctx.storage.read_json(ctx.paths.images_report)
+        assert saved["by_host"]["127.0.0.1"]["ok"] == 15
+        assert saved["top_failing_hosts"][0]["host"] == "127.0.0.1"
+        assert ctx.storage.read_table(ctx.paths.images).num_rows == 30  # readers accept it: _SUCCESS is there
+        assert srv.hits.get("/robots.txt", 0) <= 3  # cached job-wide (at most one fetch per racing worker)
+        hits_before = dict(srv.hits)
+        files_before = {n: os.path.getmtime(join(ctx.paths.images, n))
+                        for n in shard_files(ctx.storage, ctx.paths.images)}
+        assert len(files_before) == 5
+
+        # Incremental: records added later are fetched; old ones are not requested again, old shards untouched.
+        for i in range(30, 36):
+            srv.add(f"/ok/{i}.jpg", httpd.ok(image))
+            rows.append(record(f"t:{i}", srv.url(f"/ok/{i}.jpg")))
+            want[f"t:{i}"] = "ok"
+        ctx.storage.write_table(records_table(rows), ctx.paths.records)
+        report = run_download(ctx)
+        assert report["this_run"]["records"] == 6
+        pairs = committed_pairs(ctx)
+        assert len(pairs) == 36 and dict(pairs) == want
+        for path, n in hits_before.items():
+            if path != "/robots.txt":
+                assert srv.hits[path] == n, path
+        files_after = {n: os.path.getmtime(join(ctx.paths.images, n))
+                       for n in shard_files(ctx.storage, ctx.paths.images)}
+        assert {n: files_after[n] for n in files_before} == files_before
+        assert len(files_after) == 6
+
+        # --retry-failed: the 502 host recovered; only the retryable records are requested again.
+        for i in range(2, 30, 6):
+            srv.add(f"/down/{i}.jpg", httpd.ok(image))
+            want[f"t:{i}"] = "ok"
+        hits_before = dict(srv.hits)
+        report = run_download(ctx, retry_failed=True)
+        assert report["this_run"]["records"] == 5
+        pairs = committed_pairs(ctx)
+        assert len(pairs) == 36 and dict(pairs) == want
+        assert len(shard_files(ctx.storage, ctx.paths.images)) == 6
+        for path, n in hits_before.items():
+            if not path.startswith("/down/") and path != "/robots.txt":
+                assert srv.hits[path] == n, path
+        assert report["complete"]
+
+
+def test_job_writes_to_s3(ray_session, s3_endpoint):
+    image = jpeg(500, 500)
+    with MisbehavingServer() as srv:
+        srv.add("/a.jpg", httpd.ok(image))
+        root = f"s3://artsim-test/download-{time.time_ns()}"
+        tree = {"run": {"root": root}, "storage": {"s3_endpoint_url": s3_endpoint},
+                "download": {"allow_hosts": ["127.0.0.1"], "workers": 1, "shard_size": 2}}
+        ctx = RunContext(config_from_dict(tree))
+        rows = [record("s:a", srv.url("/a.jpg")), record("s:b", srv.url("/b.jpg"))]
+        ctx.storage.write_table(records_table(rows), ctx.paths.records)
+        report = run_download(ctx)
+        assert report["complete"] and ctx.storage.is_complete(ctx.paths.images)
+        table = ctx.storage.read_table(ctx.paths.images)
+        assert sorted(zip(table.column("object_id").to_pylist(), table.column("status").to_pylist())) == [
+            ("s:a", "ok"), ("s:b", "not_found")]
+
+
+def test_killed_job_resumes_without_loss_or_duplicates(ray_session, tmp_path):
+    """Run the download as its own driver process, SIGKILL it after some shards committed, re-run, check."""
+    import ray
+
+    image = jpeg(600, 400)
+    with MisbehavingServer(latency_s=0.25) as srv:
+        rows = []
+        for i in range(48):
+            srv.add(f"/{i}.jpg", httpd.ok(image))
+            rows.append(record(f"k:{i}", srv.url(f"/{i}.jpg")))
+        root = str(tmp_path / "run")
+        download = {"allow_hosts": ["127.0.0.1"], "shard_size": 4, "workers": 2, "per_host_connections": 2,
+                    "per_host_requests_per_second": 100, "timeout_s": 5.0}
+        config_path = tmp_path / "config.yaml"
+        config_path.write_text(yaml.safe_dump({"run": {"root": root}, "download": download,
+                                               "ray": {"address": ray.get_runtime_context().gcs_address}}))
+        ctx = make_ctx(root, **{k: v for k, v in download.items() if k != "allow_hosts"})
+        ctx.storage.write_table(records_table(rows), ctx.paths.records)
+        images = Path(ctx.paths.images)
+
+        proc = subprocess.Popen([sys.executable, "-m", "artsim.cli", "download", "-c", str(config_path)],
+                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and len(list(images.glob("shard-*.parquet"))) < 2:
+                assert proc.poll() is None, "the download finished before it could be killed"
+                time.sleep(0.05)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        committed_at_kill = len(list(images.glob("shard-*.parquet")))
+        assert 2 <= committed_at_kill < 12
+        assert not (images / SUCCESS).exists()  # a killed run never looks complete
+        with pytest.raises(Exception, match="incomplete"):
+            ctx.storage.read_table(ctx.paths.images)
+        time.sleep(1.0)  # let Ray reap the dead driver's workers
+
+        before = read_committed(ctx.storage, ctx.paths.images).column("object_id").to_pylist()
+        hits_before = dict(srv.hits)
+        report = run_download(ctx)
+        assert report["this_run"]["records"] <= 48 - len(before)
+        pairs = committed_pairs(ctx)
+        ids = [p[0] for p in pairs]
+        assert len(ids) == len(set(ids)) == 48 and all(s == "ok" for _, s in pairs)
+        assert report["complete"] and (images / SUCCESS).exists()
+        for oid in before:  # committed before the kill: never requested again
+            path = f"/{oid.split(':')[1]}.jpg"
+            assert srv.hits[path] == hits_before[path]
+        assert not [p for p in images.iterdir() if ".tmp-" in p.name]
+
+
+def test_cli_reports_bad_config_and_missing_records(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"run": {"root": str(tmp_path / "run")}}))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    bad = subprocess.run([sys.executable, "-m", "artsim.cli", "download", "-c", str(config),
+                          "--set", "download.per_host_connections=0"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "download.per_host_connections" in bad.stderr
+    missing = subprocess.run([sys.executable, "-m", "artsim.cli", "download", "-c", str(config)],
+                             capture_output=True, text=True, env=env)
+    assert missing.returncode == 2 and "records" in missing.stderr and "not found" in missing.stderr
