@@ -163,8 +163,10 @@ def _cli(config_path: Path, cwd: Path) -> subprocess.CompletedProcess:
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
 
 
-def test_cli_ingest(tmp_path):
-    config = {"run": {"root": "run"}, "ray": {"num_cpus": 1},
+def test_cli_ingest(tmp_path, ray_session):
+    # The CLI joins the test session's Ray (by its exact GCS address) instead of starting a second one.
+    address = ray_session.get_runtime_context().gcs_address
+    config = {"run": {"root": "run"}, "ray": {"address": address},
               "sources": [{"kind": "met_api_json", "path": str(MET_SAMPLE / "met_api_objects.json"),
                            "collection": "met", "image_url_template": "http://127.0.0.1:8000/met_{local_id}.jpg"},
                           {"kind": "smk_json", "path": str(tmp_path / "missing.json"), "collection": "smk"}]}
