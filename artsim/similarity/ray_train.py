@@ -176,8 +176,11 @@ def train_loop_per_worker(config: dict) -> None:
         for step, batch in enumerate(batches):
             if (crash_epoch == epoch and rank == world - 1 and step == len(batches) // 2 and crash_marker
                     and not os.path.exists(crash_marker)):
-                # Test-only fault injection (ARTSIM_TEST_CRASH_AT_EPOCH): die like a killed process, once.
+                # Test-only fault injection (ARTSIM_TEST_CRASH_AT_EPOCH): die like a killed process, once. The
+                # pause first lets Ray Train's controller collect the previous epoch's report (it polls workers
+                # every 2 s); a checkpoint reported less than a poll before a crash is lost, as in any real failure.
                 open(crash_marker, "w").close()
+                time.sleep(5.0)
                 os._exit(1)
             a, p, n = data.anchors[batch], data.positives[batch], data.negatives[batch]
             objects, inverse = np.unique(np.concatenate([a, p, n]), return_inverse=True)

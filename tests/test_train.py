@@ -1,0 +1,272 @@
+"""The train stage: loss, mining masks, recall@k, the split (plain functions), and real Ray Train runs: a worker
+killed mid-training, resumption on resubmission, learning a hidden factor, and finetuning with checkpoints on S3."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from artsim.config import config_from_dict
+from artsim.errors import ArtsimError
+from artsim.runtime import RunContext
+from artsim.schema import records_table
+from artsim.similarity.data import epoch_batches, held_out_mask, prepare_training_data
+from artsim.similarity.evaluate import chance_recall_at_k, recall_at_k, relevance_from_labels
+from artsim.similarity.losses import positive_pair_keys, triplet_loss, valid_negative_mask
+from artsim.similarity.models import HeadModel, head_description
+from artsim.synthetic import SyntheticSpec, synthetic_records
+
+
+def unit(rows):
+    x = torch.tensor(rows, dtype=torch.float32)
+    return x / x.norm(dim=1, keepdim=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plain functions
+
+
+def test_triplet_loss_on_cosine_distance():
+    emb = unit([[1, 0], [1, 0.1], [0, 1], [-1, 0]])  # 0 anchor, 1 near, 2 orthogonal, 3 opposite
+    a, p = torch.tensor([0]), torch.tensor([1])
+    d_ap = 1 - float(emb[0] @ emb[1])
+    loss, stats = triplet_loss(emb, a, p, torch.tensor([2]), margin=0.2)
+    assert float(loss) == pytest.approx(0.0)  # d(a,n) = 1 >> d(a,p) + 0.2
+    loss, _ = triplet_loss(emb, a, p, torch.tensor([1]), margin=0.2)  # negative == positive: exactly the margin
+    assert float(loss) == pytest.approx(0.2, abs=1e-6)
+    swapped, stats = triplet_loss(emb, a, torch.tensor([2]), torch.tensor([1]), margin=0.2)
+    assert float(swapped) == pytest.approx(1.0 - d_ap + 0.2, abs=1e-5) and stats["active"] == 1.0
+
+
+def test_batch_hard_and_semi_hard_pick_the_right_negatives():
+    # anchor 0, positive 1 (distance ~0.1), candidates: 2 (closer than the positive), 3 (just beyond), 4 (far),
+    # and 5, which is closest of all but known to be similar to the anchor (so never a negative).
+    emb = unit([[1, 0], [0.9, 0.436], [0.99, 0.14], [0.8, 0.6], [0, 1], [1, 0.01]])
+    a, p, n = torch.tensor([0]), torch.tensor([1]), torch.tensor([4])
+    valid = torch.tensor([[False, False, True, True, True, False]])
+    d = 1 - emb[0] @ emb.T
+    none, _ = triplet_loss(emb, a, p, n, 0.2)
+    hard, _ = triplet_loss(emb, a, p, n, 0.2, "batch_hard", valid)
+    semi, _ = triplet_loss(emb, a, p, n, 0.2, "semi_hard", valid)
+    d_ap = float(d[1])
+    assert float(hard) == pytest.approx(max(0.0, d_ap - float(d[2]) + 0.2), abs=1e-5)  # object 2, not 5
+    assert float(semi) == pytest.approx(max(0.0, d_ap - float(d[3]) + 0.2), abs=1e-5)  # farther than p: object 3
+    assert float(none) == pytest.approx(max(0.0, d_ap - float(d[4]) + 0.2), abs=1e-5)
+    assert float(hard) > float(semi) > float(none) >= 0
+
+
+def test_valid_negative_mask_excludes_anchor_positive_and_known_similar():
+    keys = positive_pair_keys(np.array([0, 2]), np.array([1, 0]), 10)  # 0~1 and 0~2 are similar
+    mask = valid_negative_mask(np.array([0, 3]), np.array([1, 4]), np.array([0, 1, 2, 3, 4, 5]), keys, 10)
+    assert mask.tolist() == [[False, False, False, True, True, True],  # anchor 0: not itself, not 1 nor 2
+                             [True, True, True, False, False, True]]  # anchor 3: not itself, not its positive 4
+
+
+def test_recall_at_k_by_hand():
+    vecs = unit([[1, 0], [0.99, 0.1], [0, 1], [0.1, 0.99], [-1, 0]]).numpy()
+    assert relevance_from_labels([["a"], ["a"], ["b"], ["b", "a"], []]) == [{1, 3}, {0, 3}, {3}, {0, 1, 2}, set()]
+    rel = [{1, 2}, {0}, {3}, {2}, set()]
+    # nearest first: 0 -> 1, 3, 2; 1 -> 0, 3; 2 -> 3, 1; 3 -> 2, 1. Item 4 has nothing relevant: skipped.
+    assert recall_at_k(vecs, rel, k=1) == {"recall": 1.0, "queries": 4, "k": 1}
+    # k=2: query 0 finds 1 of its 2 relevant items in {1, 3}; the others find their single one.
+    assert recall_at_k(vecs, rel, k=2)["recall"] == pytest.approx((0.5 + 1 + 1 + 1) / 4)
+    assert chance_recall_at_k(rel, 1) == pytest.approx(np.mean([1 / 4 * 2 / 1, 1 / 4, 1 / 4, 1 / 4]))
+
+
+def test_split_is_deterministic_and_training_never_sees_held_out_objects():
+    ids = [f"c:{i}" for i in range(1000)]
+    mask = held_out_mask(ids, 0.2, seed=7)
+    assert 150 < mask.sum() < 250 and (mask == held_out_mask(ids, 0.2, seed=7)).all()
+    assert (mask != held_out_mask(ids, 0.2, seed=8)).any()
+    rng = np.random.default_rng(0)
+    a, p, n = (rng.choice(ids, 3000).tolist() for _ in range(3))
+    reasons = [f"shared subject: s{i % 7}" for i in range(3000)]
+    data = prepare_training_data(a, p, n, reasons, available=set(ids[:900]), validation_fraction=0.2, seed=7)
+    held = held_out_mask(data.object_ids, 0.2, 7)
+    assert not held[data.anchors].any() and not held[data.positives].any() and not held[data.negatives].any()
+    assert held[data.val_objects].all() and len(data.val_relevance) == len(data.val_objects)
+    assert data.stats["unavailable"] > 0 and all(o in set(ids[:900]) for o in data.object_ids)
+    with pytest.raises(ArtsimError, match="no triplet"):
+        prepare_training_data(["x"], ["y"], ["z"], ["r"], available=set())
+
+
+def test_epoch_batches_give_every_worker_the_same_number_of_steps():
+    sizes = []
+    for rank in range(3):
+        batches = epoch_batches(1001, 64, epoch=2, seed=0, rank=rank, world=3)
+        sizes.append([len(b) for b in batches])
+    assert sizes[0] == sizes[1] == sizes[2] and sum(sizes[0]) == 1001 // 3
+    all_items = np.concatenate([np.concatenate(epoch_batches(1001, 64, 2, 0, r, 3)) for r in range(3)])
+    assert len(set(all_items.tolist())) == len(all_items)  # no triplet on two workers
+    assert not np.array_equal(np.concatenate(epoch_batches(1001, 64, 3, 0, 0, 3)),
+                              np.concatenate(epoch_batches(1001, 64, 2, 0, 0, 3)))
+
+
+def test_bias_free_heads_do_not_care_about_input_scale():
+    # The embed stage feeds raw backbone features to the head; training used L2-normalised ones.
+    torch.manual_seed(0)
+    for hidden in ([], [32]):
+        model = HeadModel(head_description(16, 8, hidden))
+        x = torch.randn(5, 16) * 7.3
+        torch.testing.assert_close(model(x), model(x / x.norm(dim=1, keepdim=True)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ray Train runs
+
+D = 512  # resnet18's feature size: head mode checks the embeddings against the embed section's backbone
+
+
+def factor_embeddings(records, seed=0, subject_scale=0.35):
+    """Stand-ins for backbone embeddings in which creator and object type dominate and the subject (the factor a
+    curator cares about) is a weak signal under noise."""
+    rng = np.random.default_rng(seed)
+    directions = {}
+
+    def direction(key):
+        if key not in directions:
+            directions[key] = rng.normal(size=D) / np.sqrt(D)
+        return directions[key]
+
+    e = np.stack([direction(r["creator"]) + direction(r["object_type"]) + subject_scale * direction(r["subjects"][0])
+                  + 0.6 * rng.normal(size=D) / np.sqrt(D) for r in records]).astype(np.float32)
+    return e / np.linalg.norm(e, axis=1, keepdims=True)
+
+
+def write_embeddings(ctx, records, vectors, key="resnet18"):
+    ctx.storage.write_table(pa.table({
+        "object_id": [r["object_id"] for r in records],
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), vectors.shape[1]),
+        "model": [key] * len(records)}), ctx.paths.embeddings(key))
+
+
+@pytest.fixture(scope="module")
+def head_run(ray_session, tmp_path_factory, monkeypatch_module):
+    """One head-mode run whose second worker dies in the middle of epoch 2 (once)."""
+    from artsim.similarity.mine import run_mine
+    from artsim.similarity.train import CRASH_AT_EPOCH_ENV, CRASH_MARKER_ENV, run_train
+
+    root = tmp_path_factory.mktemp("head_run")
+    marker = root / "crashed-once"
+    monkeypatch_module.setenv(CRASH_AT_EPOCH_ENV, "2")
+    monkeypatch_module.setenv(CRASH_MARKER_ENV, str(marker))
+    records = synthetic_records(SyntheticSpec(n=400, seed=5, n_creators=8, n_subjects=6))
+    tree = {"run": {"root": str(root)}, "embed": {"model": "resnet18"},
+            "mine": {"num_triplets": 4000, "strategies": {"shared_terms": 1}, "term_fields": ["subjects"]},
+            "train": {"epochs": 3, "num_workers": 2, "head_dim": 64, "batch_size": 64, "learning_rate": 0.01,
+                      "mining": "semi_hard"}}
+    ctx = RunContext(config_from_dict(tree))
+    vectors = factor_embeddings(records)
+    ctx.storage.write_table(records_table(records), ctx.paths.records)
+    write_embeddings(ctx, records, vectors)
+    run_mine(ctx)
+    summary = run_train(ctx)
+    monkeypatch_module.delenv(CRASH_AT_EPOCH_ENV)
+    return {"ctx": ctx, "tree": tree, "summary": summary, "marker": marker, "records": records, "vectors": vectors}
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def test_worker_killed_mid_training_resumes_from_last_checkpoint(head_run):
+    summary = head_run["summary"]
+    assert head_run["marker"].exists()  # the worker really died
+    # The restarted workers began at epoch 2 (epoch 1's checkpoint), not at epoch 1 again.
+    assert [s["start_epoch"] for s in summary["sessions"]] == [1, 2]
+    assert summary["restarts"] == 1 and summary["epochs"] == 3
+    history = json.loads((head_run["ctx"].storage.read_text(
+        f"{head_run['ctx'].paths.model('similarity')}/history.json")))["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3]  # each epoch once: nothing redone, nothing lost
+    assert (head_run["ctx"].storage.read_bytes(f"{head_run['ctx'].paths.model('similarity')}/recall.png")
+            .startswith(b"\x89PNG"))
+
+
+def test_training_learns_the_hidden_factor(head_run):
+    """recall@10 of same-subject works, over the whole collection, with the exported model vs. untrained."""
+    from artsim.embed.artifact import build_embedder, load_artifact
+
+    ctx, records, vectors = head_run["ctx"], head_run["records"], head_run["vectors"]
+    export = ctx.paths.model_export("similarity")
+    spec, backbone_state, head_state, _ = load_artifact(ctx.storage, export)
+    assert backbone_state is None and spec.output_dim == 64 and spec.backbone == "resnet18"
+    embedder = build_embedder(config_from_dict({"embed": {"model": "resnet18", "weights": export}}).embed,
+                              ctx.storage)
+    with torch.no_grad():
+        trained = torch.nn.functional.normalize(embedder.head(torch.from_numpy(vectors)), dim=1).numpy()
+    relevant = relevance_from_labels([r["subjects"] for r in records])
+    before = recall_at_k(vectors, relevant, 10)["recall"]
+    after = recall_at_k(trained, relevant, 10)["recall"]
+    chance = chance_recall_at_k(relevant, 10)
+    assert after > before + 0.3 and after > 0.8, (before, after, chance)
+    # The untrained embedding groups by creator and object type instead (the subject is a weak signal in it).
+    by_creator = relevance_from_labels([[r["creator"]] for r in records])
+    assert recall_at_k(vectors, by_creator, 10)["recall"] > before
+    s = head_run["summary"]
+    assert s["val_recall@10"] > s["val_recall@10_untrained"] + 0.3
+
+
+def test_resubmitting_the_same_run_name_resumes(head_run):
+    from artsim.similarity.train import run_train
+
+    tree = json.loads(json.dumps(head_run["tree"]))
+    tree["train"]["epochs"] = 4
+    summary = run_train(RunContext(config_from_dict(tree)))
+    assert [s["start_epoch"] for s in summary["sessions"]] == [1, 2, 4]  # picked up after epoch 3
+    assert summary["epochs"] == 4 and [h["epoch"] for h in json.loads(head_run["ctx"].storage.read_text(
+        f"{head_run['ctx'].paths.model('similarity')}/history.json"))["history"]] == [0, 1, 2, 3, 4]
+
+
+def test_finetune_on_images_with_checkpoints_on_s3(ray_session, s3_endpoint):
+    import boto3
+
+    from artsim.embed.artifact import build_embedder
+    from artsim.schema import IMAGES_SCHEMA
+    from artsim.similarity.mine import run_mine
+    from artsim.similarity.train import run_train
+    from artsim.synthetic import encode_jpeg, render_image
+
+    spec = SyntheticSpec(n=48, seed=2, n_creators=3, n_subjects=3, image_size=64)
+    records = synthetic_records(spec)
+    root = f"s3://artsim-test/train-{np.random.default_rng().integers(1 << 30)}"
+    ctx = RunContext(config_from_dict({
+        "run": {"root": root}, "storage": {"s3_endpoint_url": s3_endpoint},
+        "embed": {"model": "resnet18", "image_size": 64},
+        "mine": {"num_triplets": 300, "strategies": {"shared_terms": 1}, "term_fields": ["subjects"]},
+        "train": {"mode": "finetune", "epochs": 2, "num_workers": 1, "cpus_per_worker": 2, "batch_size": 32,
+                  "head_dim": 32, "learning_rate": 0.003, "name": "ft"}}))
+    images = [encode_jpeg(render_image(r, spec), 90) for r in records]
+    rows = [{"object_id": r["object_id"], "status": "ok", "http_status": 200, "error": None, "url_final": None,
+             "width": 64, "height": 64, "sha256": None, "image": b} for r, b in zip(records, images)]
+    rows[0] = dict(rows[0], image=b"not an image")  # a bad image is left out, not a crash
+    ctx.storage.write_table(records_table(records), ctx.paths.records)
+    ctx.storage.write_table(pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA), ctx.paths.images)
+    run_mine(ctx)
+    summary = run_train(ctx)
+    assert summary["epochs"] == 2 and summary["mode"] == "finetune"
+    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(
+        Bucket="artsim-test", Prefix=root[len("s3://artsim-test/"):] + "/models/ft/")["Contents"]]
+    assert any("/checkpoint_" in k and k.endswith("model.safetensors") for k in keys)
+    assert any(k.endswith("export/artifact.json") for k in keys) and any(k.endswith("recall.png") for k in keys)
+    # The export is what embed.weights accepts: a finetuned backbone + head that embeds images.
+    embedder = build_embedder(config_from_dict({"embed": {"model": "resnet18", "weights": summary["export"]}}).embed,
+                              ctx.storage)
+    assert embedder.spec.includes_backbone_weights and embedder.spec.output_dim == 32
+    out = embedder.embed_bytes(images[1:4])
+    assert out.shape == (3, 32) and np.allclose(np.linalg.norm(out, axis=1), 1, atol=1e-4)
+    before = build_embedder(config_from_dict({"embed": {"model": "resnet18", "image_size": 64}}).embed)
+    assert not np.allclose(before.backbone.conv1.weight.numpy(), embedder.backbone.conv1.weight.numpy())
+
+
+def test_train_without_inputs_is_a_clear_error(tmp_path):
+    from artsim.similarity.train import run_train
+
+    ctx = RunContext(config_from_dict({"run": {"root": str(tmp_path)}, "embed": {"model": "resnet18"}}))
+    with pytest.raises(ArtsimError, match="triplets"):
+        run_train(ctx)
