@@ -206,3 +206,61 @@ def test_random_init_is_identical_across_processes():
     before = torch.random.get_rng_state()
     build_embedder(EmbedConfig(model="resnet18", seed=7))
     assert torch.equal(before, torch.random.get_rng_state())
+
+
+def test_describe_model_agrees_with_the_built_model(tmp_path):
+    from artsim.embed.artifact import describe_model
+
+    storage = Storage()
+    for cfg in (small_cfg(seed=4), EmbedConfig(model="efficientnet_b0")):
+        spec, weights_id = describe_model(cfg, storage)
+        built = build_embedder(cfg, storage)
+        assert spec == built.spec and weights_id == built.weights_id
+    uri = str(tmp_path / "export")
+    _, _, _, weights_id = export_with_head(storage, uri, finetuned=False)
+    cfg = small_cfg(weights=uri)
+    cfg.image_size = None
+    spec, described_id = describe_model(cfg, storage)
+    assert described_id == weights_id and spec.output_dim == 32
+
+
+def test_torchvision_weights_download_cache_and_integrity(tmp_path, monkeypatch):
+    """The registry path end to end against a loopback HTTP server standing in for download.pytorch.org."""
+    import functools
+    import http.server
+    import threading
+
+    from torchvision.models import get_model
+
+    from artsim.embed.artifact import fetch_torchvision_state
+
+    serve_dir = tmp_path / "serve"
+    serve_dir.mkdir()
+    state = get_model("resnet18", weights=None).state_dict()
+    torch.save(state, serve_dir / "ckpt.pth")
+    digest = hashlib.sha256((serve_dir / "ckpt.pth").read_bytes()).hexdigest()
+    name = f"resnet18-{digest[:8]}.pth"  # torchvision's naming: the sha256 prefix is in the file name
+    (serve_dir / "ckpt.pth").rename(serve_dir / name)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(serve_dir))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/{name}"
+    try:
+        loaded = fetch_torchvision_state(url)
+    finally:
+        server.shutdown()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    cached = tmp_path / "torch_home" / "hub" / "checkpoints" / name
+    assert cached.exists()
+    assert set(fetch_torchvision_state(url)) == set(state)  # server gone: served from the cache
+
+    cached.write_bytes(cached.read_bytes()[:-10])  # truncated download in the cache
+    with pytest.raises(IntegrityError, match="sha256 does not start with"):
+        fetch_torchvision_state(url)
+    start = time.perf_counter()
+    with pytest.raises(ArtsimError, match="cannot download"):
+        fetch_torchvision_state(url.replace(name, "resnet18-00000000.pth"), timeout_s=5)  # nothing listens now
+    assert time.perf_counter() - start < 10

@@ -332,14 +332,12 @@ def _hub_checkpoint_path(url: str) -> str:
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urllib.parse.urlparse(url).path))
 
 
-def fetch_torchvision_state(url: str, timeout_s: float = DOWNLOAD_TIMEOUT_S) -> dict:
-    """Load a torchvision checkpoint: from the TORCH_HOME cache, else download it (once, atomically).
+def download_torchvision_checkpoint(url: str, timeout_s: float = DOWNLOAD_TIMEOUT_S) -> str:
+    """Local path of a torchvision checkpoint: the TORCH_HOME cache, else downloaded there (once, atomically).
 
     torchvision's file names carry the first hex digits of the file's sha256 ("resnet50-11ad3fa6.pth"); the file is
-    checked against them. torch.load runs with weights_only=True (no arbitrary unpickling).
+    checked against them.
     """
-    import torch
-
     path = _hub_checkpoint_path(url)
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -365,6 +363,14 @@ def fetch_torchvision_state(url: str, timeout_s: float = DOWNLOAD_TIMEOUT_S) -> 
         if not digest.hexdigest().startswith(match.group(1)):
             raise IntegrityError(f"{path}: sha256 does not start with {match.group(1)} as its name says; delete it "
                                  f"and run again")
+    return path
+
+
+def fetch_torchvision_state(url: str, timeout_s: float = DOWNLOAD_TIMEOUT_S) -> dict:
+    """A torchvision checkpoint's state dict; torch.load with weights_only=True (no arbitrary unpickling)."""
+    import torch
+
+    path = download_torchvision_checkpoint(url, timeout_s)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -516,8 +522,56 @@ class Embedder(nn.Module):
 
     def describe(self) -> dict:
         """What embeddings/<model_key>/_model.json holds (copied into index manifests)."""
-        return {"name": self.model_key, "model_key": self.model_key, "backbone": self.spec.backbone,
-                "weights_id": self.weights_id, "output_dim": self.spec.output_dim, "spec": self.spec.to_dict()}
+        return model_description(self.model_key, self.spec, self.weights_id)
+
+
+def model_description(key: str, spec: ModelSpec, weights_id: str) -> dict:
+    """The model part of embeddings/<model_key>/_model.json (the index stage copies it into its manifest)."""
+    return {"name": key, "model_key": key, "backbone": spec.backbone, "weights": spec.backbone_weights,
+            "weights_id": weights_id, "output_dim": spec.output_dim, "image_size": spec.image_size,
+            "resize_size": spec.resize_size, "mean": spec.mean, "std": spec.std, "spec": spec.to_dict()}
+
+
+def _load_checked_artifact(embed_cfg, storage: Storage, image_size: Optional[int]):
+    weights = embed_cfg.weights
+    spec, backbone_state, head_state, weights_id = load_artifact(storage, weights)
+    if spec.backbone != embed_cfg.model:
+        raise ConfigError("embed.model", f"is {embed_cfg.model!r} but the artifact {weights} was trained on "
+                                         f"{spec.backbone!r}; set embed.model: {spec.backbone}")
+    if image_size is not None and image_size != spec.image_size:
+        raise ConfigError("embed.image_size", f"the artifact {weights} was made for {spec.image_size} px; "
+                                              f"leave embed.image_size unset")
+    return spec, backbone_state, head_state, weights_id
+
+
+def _torchvision_weights_id(embed_cfg) -> str:
+    if embed_cfg.weights is None:
+        return f"random-init-seed-{embed_cfg.seed}"
+    entry = torchvision_weights(embed_cfg.model, embed_cfg.weights)
+    return f"torchvision:{type(entry).__name__}.{entry.name}"
+
+
+def describe_model(embed_cfg, storage: Optional[Storage] = None,
+                   image_size: Optional[int] = None) -> tuple[ModelSpec, str]:
+    """(spec, weights_id) for an EmbedConfig without building the network's weights (fast; for drivers).
+
+    Fails exactly where build_embedder would: bad names, missing/tampered artifacts, weights that cannot be
+    downloaded (a torchvision checkpoint is fetched into the cache here, so that replicas find it there).
+    """
+    import torch
+
+    storage = storage or Storage()
+    image_size = image_size if image_size is not None else getattr(embed_cfg, "image_size", None)
+    if embed_cfg.weights is not None and is_artifact_uri(embed_cfg.weights):
+        spec, _, _, weights_id = _load_checked_artifact(embed_cfg, storage, image_size)
+        return spec, weights_id
+    spec = backbone_spec(embed_cfg.model, embed_cfg.weights, embed_cfg.seed, image_size)
+    if spec.backbone_weights:
+        download_torchvision_checkpoint(torchvision_weights(spec.backbone, spec.backbone_weights).url)
+    with torch.device("meta"):  # shapes only: no memory, no initialisation work
+        model = _new_backbone(spec.backbone, spec.backbone_seed or 0, spec.image_size)
+    spec.feature_dim = spec.output_dim = strip_classifier(model)
+    return spec, _torchvision_weights_id(embed_cfg)
 
 
 def build_embedder(embed_cfg, storage: Optional[Storage] = None, image_size: Optional[int] = None) -> Embedder:
@@ -531,13 +585,7 @@ def build_embedder(embed_cfg, storage: Optional[Storage] = None, image_size: Opt
     weights = embed_cfg.weights
     key = model_key(embed_cfg)
     if weights is not None and is_artifact_uri(weights):
-        spec, backbone_state, head_state, weights_id = load_artifact(storage, weights)
-        if spec.backbone != embed_cfg.model:
-            raise ConfigError("embed.model", f"is {embed_cfg.model!r} but the artifact {weights} was trained on "
-                                             f"{spec.backbone!r}; set embed.model: {spec.backbone}")
-        if image_size is not None and image_size != spec.image_size:
-            raise ConfigError("embed.image_size", f"the artifact {weights} was made for {spec.image_size} px; "
-                                                  f"leave embed.image_size unset")
+        spec, backbone_state, head_state, weights_id = _load_checked_artifact(embed_cfg, storage, image_size)
         backbone, feature_dim = build_backbone(spec, backbone_state)
         if feature_dim != spec.feature_dim:
             raise ArtsimError(f"{weights}: feature_dim {spec.feature_dim} but {spec.backbone} gives {feature_dim}")
@@ -552,16 +600,11 @@ def build_embedder(embed_cfg, storage: Optional[Storage] = None, image_size: Opt
     spec = backbone_spec(embed_cfg.model, weights, embed_cfg.seed, image_size)
     backbone, feature_dim = build_backbone(spec)
     spec.feature_dim = spec.output_dim = feature_dim
-    if weights is None:
-        weights_id = f"random-init-seed-{embed_cfg.seed}"
-    else:
-        entry = torchvision_weights(embed_cfg.model, weights)
-        weights_id = f"torchvision:{type(entry).__name__}.{entry.name}"
-    return Embedder(spec, backbone, None, weights_id, key)
+    return Embedder(spec, backbone, None, _torchvision_weights_id(embed_cfg), key)
 
 
 __all__ = [
     "ARTIFACT_FORMAT", "Embedder", "ModelSpec", "backbone_spec", "build_backbone", "build_embedder", "build_head",
-    "fetch_torchvision_state", "is_artifact_uri", "load_artifact", "model_key", "save_artifact", "strip_classifier",
+    "describe_model", "download_torchvision_checkpoint", "fetch_torchvision_state", "model_description", "is_artifact_uri", "load_artifact", "model_key", "save_artifact", "strip_classifier",
     "torchvision_weights",
 ]

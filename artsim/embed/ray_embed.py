@@ -221,7 +221,7 @@ def run_embed(ctx, **_options) -> dict:
     import ray
     from ray.data.expressions import col
 
-    from artsim.embed.artifact import build_embedder
+    from artsim.embed.artifact import describe_model, model_description, model_key
     from artsim.embed.preprocess import preprocess_batch
 
     cfg: EmbedConfig = ctx.config.embed
@@ -232,12 +232,13 @@ def run_embed(ctx, **_options) -> dict:
     if not storage.is_complete(images_uri):
         raise ArtsimError(f"{images_uri}: incomplete output (no _SUCCESS marker); re-run the download stage")
 
-    # Build the model once here: bad names, missing or tampered artifacts fail before any Ray work starts.
-    embedder = build_embedder(cfg, storage)
-    spec, key = embedder.spec, embedder.model_key
+    # Resolve the model here (shapes only, no weights built): bad names, missing or tampered artifacts and
+    # unreachable weights fail before any Ray work starts. Each replica builds the real network.
+    spec, weights_id = describe_model(cfg, storage)
+    key = model_key(cfg)
     out_uri = ctx.paths.embeddings(key)
-    model_info = embedder.describe() | {"dtype": cfg.dtype, "precision": cfg.precision if cfg.num_gpus else "fp32"}
-    del embedder
+    model_info = model_description(key, spec, weights_id) | {
+        "dtype": cfg.dtype, "precision": cfg.precision if cfg.num_gpus else "fp32"}
 
     statuses = storage.read_table(images_uri, columns=["status"]).column("status").to_pylist()
     n_input, n_ok = len(statuses), sum(1 for s in statuses if s == "ok")
@@ -261,10 +262,10 @@ def run_embed(ctx, **_options) -> dict:
             ds = ds.filter(expr=col("status") == "ok")
             prep_compute = (ray.data.TaskPoolStrategy(size=cfg.preprocess_concurrency)
                             if cfg.preprocess_concurrency else None)
-            # The memory hint (decoded image + pixels per row, plus the interpreter) also keeps Ray from fusing
+            # The memory hint (interpreter + pyarrow ~150 MiB measured, plus decoded image and pixels per row) also keeps Ray from fusing
             # these tasks into the model actors (it fuses ops whose resource requests are equal): decoding must
             # overlap with the model, not run in the actor's thread between batches.
-            prep_memory = 64 * 2**20 + cfg.batch_size * 3 * (spec.image_size**2 + 4 * spec.resize_size**2)
+            prep_memory = 192 * 2**20 + cfg.batch_size * 3 * (spec.image_size**2 + 4 * spec.resize_size**2)
             ds = ds.map_batches(preprocess_batch, batch_size=cfg.batch_size, batch_format="numpy",
                                 fn_kwargs={"resize_size": spec.resize_size, "crop_size": spec.image_size},
                                 num_cpus=1, memory=prep_memory, compute=prep_compute)

@@ -1,0 +1,139 @@
+"""Embed throughput: the Ray Data pipeline (run_embed) vs a plain single-process PyTorch loop.
+
+Same model, batch size, images, preprocessing code and torch threads on both sides. Prints images/s for each and
+the ratio (target >= 0.9 on CPU), end to end (model construction and Ray actor start included) and steady state.
+
+    .venv/bin/python benchmarks/bench_embed.py --model resnet50 --images 400            # CPU, this machine
+    .venv/bin/python benchmarks/bench_embed.py --model resnet50 --images 20000 --num-gpus 1 --num-actors 1 \\
+        --batch-size 128 --precision bf16                                                  # a GPU box
+
+Images are the 80 real Met thumbnails in data/met_sample/images (320 px, like the download stage's output),
+repeated under distinct object ids to reach --images.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from artsim.config import config_from_dict  # noqa: E402
+from artsim.runtime import RunContext  # noqa: E402
+from artsim.schema import IMAGES_SCHEMA  # noqa: E402
+
+
+def build_images(ctx: RunContext, n: int) -> list[dict]:
+    files = sorted((REPO / "data" / "met_sample" / "images").glob("*.jpg"))
+    rows = []
+    for i in range(n):
+        path = files[i % len(files)]
+        rows.append({"object_id": f"bench:{i}", "status": "ok", "http_status": 200, "error": None,
+                     "url_final": None, "width": None, "height": None, "sha256": None, "image": path.read_bytes()})
+    ctx.storage.write_table(pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA), ctx.paths.images, rows_per_file=200)
+    return rows
+
+
+def plain_loop(ctx: RunContext, rows: list[dict], threads: int) -> dict:
+    """The baseline: decode + preprocess + model, batch by batch, in this process."""
+    import torch
+
+    from artsim.embed.artifact import build_embedder
+    from artsim.embed.preprocess import pixels_batch
+
+    cfg = ctx.config.embed
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    embedder = build_embedder(cfg, ctx.storage)
+    if cfg.num_gpus > 0:
+        embedder = embedder.to("cuda", memory_format=torch.channels_last)
+    built = time.perf_counter()
+    precision = cfg.precision if cfg.num_gpus > 0 else "fp32"
+    vectors = {}
+    for i in range(0, len(rows), cfg.batch_size):
+        batch = rows[i:i + cfg.batch_size]
+        pixels, _ = pixels_batch([r["image"] for r in batch], embedder.spec.resize_size, embedder.spec.image_size)
+        out = embedder.embed_pixels(pixels, precision)
+        vectors.update({r["object_id"]: v for r, v in zip(batch, out)})
+    end = time.perf_counter()
+    n = len(rows)
+    return {"images": n, "seconds": end - start, "images_per_s": n / (end - start),
+            "steady_images_per_s": n / (end - built), "vectors": vectors}
+
+
+def ray_pipeline(ctx: RunContext) -> dict:
+    from artsim.embed import run_embed
+
+    start = time.perf_counter()
+    summary = run_embed(ctx)
+    seconds = time.perf_counter() - start
+    table = ctx.storage.read_table(summary["output"])
+    vectors = dict(zip(table.column("object_id").to_pylist(),
+                       np.asarray(table.column("embedding").to_pylist(), dtype=np.float32)))
+    return {"images": summary["embedded"], "seconds": seconds, "images_per_s": summary["embedded"] / seconds,
+            "steady_images_per_s": summary["steady_images_per_s"], "bottleneck": summary["bottleneck"],
+            "vectors": vectors}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="resnet50")
+    p.add_argument("--images", type=int, default=400)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all cores)")
+    p.add_argument("--num-actors", type=int, default=1)
+    p.add_argument("--num-gpus", type=float, default=0.0)
+    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--torch-threads", type=int, default=None, help="default: cores / actors")
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args()
+
+    import ray
+
+    cores = len(os.sched_getaffinity(0))
+    threads = args.torch_threads or max(1, cores // args.num_actors)
+    with tempfile.TemporaryDirectory(prefix="bench-embed-") as tmp:
+        ctx = RunContext(config_from_dict({
+            "run": {"root": tmp},
+            "embed": {"model": args.model, "weights": None, "batch_size": args.batch_size,
+                      "image_size": args.image_size, "num_actors": args.num_actors, "num_gpus": args.num_gpus,
+                      "precision": args.precision, "torch_threads": threads}}))
+        rows = build_images(ctx, args.images)
+        print(f"bench_embed: {args.model} random init, {args.image_size} px, {args.images} images, batch "
+              f"{args.batch_size}, {threads} torch threads, {cores} cores, load average {os.getloadavg()[0]:.2f}")
+        plain = plain_loop(ctx, rows, threads if args.num_gpus == 0 else cores)
+        print(f"plain loop : {plain['images_per_s']:.2f} images/s end to end, {plain['steady_images_per_s']:.2f} "
+              f"without model construction ({plain['seconds']:.1f}s)")
+        ray.init(num_cpus=args.num_cpus or cores, include_dashboard=False, log_to_driver=True)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        piped = ray_pipeline(ctx)
+        ray.shutdown()
+        print(f"ray        : {piped['images_per_s']:.2f} images/s end to end, {piped['steady_images_per_s']:.2f} "
+              f"after the first batch ({piped['seconds']:.1f}s); {piped['bottleneck']}")
+        diff = max(float(np.abs(piped["vectors"][k] - v).max()) for k, v in plain["vectors"].items())
+        ratio = piped["images_per_s"] / plain["images_per_s"]
+        steady_ratio = piped["steady_images_per_s"] / plain["steady_images_per_s"]
+        print(f"ratio ray/plain: {ratio:.3f} end to end, {steady_ratio:.3f} steady state "
+              f"(target >= 0.9); max |difference| between the two sets of vectors {diff:.2e}; "
+              f"load average now {os.getloadavg()[0]:.2f}")
+        result = {"model": args.model, "images": args.images, "batch_size": args.batch_size,
+                  "image_size": args.image_size, "threads": threads, "cores": cores,
+                  "plain_images_per_s": plain["images_per_s"], "plain_steady_images_per_s": plain["steady_images_per_s"],
+                  "ray_images_per_s": piped["images_per_s"], "ray_steady_images_per_s": piped["steady_images_per_s"],
+                  "ratio": ratio, "steady_ratio": steady_ratio, "max_abs_diff": diff, "bottleneck": piped["bottleneck"]}
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
