@@ -188,13 +188,14 @@ def test_killed_job_resumes_without_loss_or_duplicates(ray_session, tmp_path):
         assert not [p for p in images.iterdir() if ".tmp-" in p.name]
 
 
-def test_cli_reports_bad_config_and_missing_records(tmp_path):
+def test_bad_config_exits_2_and_missing_records_is_a_clear_error(tmp_path):
+    from artsim.errors import ArtsimError
+
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"run": {"root": str(tmp_path / "run")}}))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     bad = subprocess.run([sys.executable, "-m", "artsim.cli", "download", "-c", str(config),
                           "--set", "download.per_host_connections=0"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "download.per_host_connections" in bad.stderr
-    missing = subprocess.run([sys.executable, "-m", "artsim.cli", "download", "-c", str(config)],
-                             capture_output=True, text=True, env=env)
-    assert missing.returncode == 2 and "records" in missing.stderr and "not found" in missing.stderr
+    with pytest.raises(ArtsimError, match="records.*not found"):
+        run_download(make_ctx(str(tmp_path / "run")))

@@ -1,0 +1,181 @@
+"""Download throughput: artsim vs img2dataset on the same locally served URLs.
+
+Both download the same N URLs (default 2,000) from a loopback server that adds per-request latency (default 50 ms)
+and serves large originals (1,500 px JPEGs made from the real Met sample images, upscaled with film grain so they
+have a realistic size), and both resize to 384 px (longest side) JPEG quality 90.
+
+* img2dataset==1.47.0 runs from its own venv (benchmarks/.venv-img2dataset; created with
+  ``python3.11 -m venv benchmarks/.venv-img2dataset && benchmarks/.venv-img2dataset/bin/pip install img2dataset==1.47.0``),
+  ``processes_count`` = CPU count, ``thread_count`` 64, ``resize_mode keep_ratio_largest``.
+* artsim runs ``run_download`` with politeness and safety ON: the job-wide limiter actor (cap raised to
+  ``--per-host-connections`` / ``--per-host-rps`` because all URLs share one loopback host), robots.txt and
+  X-Robots-Tag checks, address checks with 127.0.0.1 in allow_hosts, pinned connections, byte/pixel/time caps.
+
+The server runs in its own process so that it does not compete with either client for the GIL.
+
+    .venv/bin/python benchmarks/bench_download.py [--n 2000] [--latency 0.05] [--skip-img2dataset]
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+IMG2DATASET = REPO / "benchmarks" / ".venv-img2dataset" / "bin" / "img2dataset"
+
+
+def make_originals(out_dir: Path, count: int, size: int) -> list[Path]:
+    from PIL import Image, ImageChops
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sources = sorted(glob.glob(str(REPO / "data" / "met_sample" / "images" / "*.jpg")))
+    rng = random.Random(0)
+    paths = []
+    for i in range(count):
+        path = out_dir / f"orig_{i:03d}.jpg"
+        paths.append(path)
+        if path.exists():
+            continue
+        base = Image.open(sources[i % len(sources)]).convert("RGB")
+        scale = size / max(base.size)
+        base = base.resize((round(base.width * scale), round(base.height * scale)), Image.Resampling.BICUBIC)
+        grain = Image.effect_noise(base.size, 24 + rng.random() * 16).convert("RGB")
+        img = ImageChops.add(base, grain, scale=1.6, offset=-60)
+        img.save(path, "JPEG", quality=92)
+    return paths
+
+
+def start_server(work: Path, originals: list[Path], n: int, latency: float):
+    spec = {"latency_s": latency, "files": {f"/img/{i:05d}.jpg": str(originals[i % len(originals)])
+                                             for i in range(n)}}
+    spec_path, port_file = work / "server_spec.json", work / "server.port"
+    spec_path.write_text(json.dumps(spec))
+    port_file.unlink(missing_ok=True)
+    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "httpd.py"), "--spec", str(spec_path),
+                             "--port-file", str(port_file), "--stats-file", str(work / "server_stats.json")])
+    deadline = time.time() + 60
+    while not port_file.exists():
+        if time.time() > deadline or proc.poll() is not None:
+            raise RuntimeError("benchmark server did not start")
+        time.sleep(0.1)
+    return proc, int(port_file.read_text())
+
+
+def run_img2dataset(work: Path, urls: list[str], processes: int) -> dict:
+    if not IMG2DATASET.exists():
+        return {"error": f"{IMG2DATASET} missing (see module doc to create it)"}
+    url_file = work / "urls.txt"
+    url_file.write_text("\n".join(urls) + "\n")
+    out = work / "img2dataset_out"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [str(IMG2DATASET), "--url_list", str(url_file), "--output_folder", str(out), "--image_size", "384",
+           "--resize_mode", "keep_ratio_largest", "--processes_count", str(processes), "--thread_count", "64",
+           "--output_format", "parquet", "--encode_quality", "90", "--number_sample_per_shard", "250",
+           "--timeout", "20", "--retries", "0", "--enable_wandb", "False", "--distributor", "multiprocessing"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    elapsed = time.perf_counter() - t0
+    ok = 0
+    for stats in glob.glob(str(out / "*_stats.json")):
+        ok += json.loads(Path(stats).read_text()).get("successes", 0)
+    result = {"seconds": elapsed, "ok": ok, "images_per_s": ok / elapsed, "returncode": proc.returncode}
+    if proc.returncode != 0:
+        result["stderr_tail"] = proc.stderr[-2000:]
+    return result
+
+
+def run_artsim(work: Path, urls: list[str], args) -> dict:
+    import ray
+
+    from artsim.config import config_from_dict
+    from artsim.download import run_download
+    from artsim.runtime import RunContext
+    from artsim.schema import empty_record, records_table
+
+    root = work / "artsim_run"
+    shutil.rmtree(root, ignore_errors=True)
+    rows = []
+    for i, url in enumerate(urls):
+        r = empty_record()
+        r.update(object_id=f"bench:{i}", collection="bench", image_url=url, license="CC0")
+        rows.append(r)
+    tree = {"run": {"root": str(root)}, "ray": {"num_cpus": os.cpu_count()},
+            "download": {"allow_hosts": ["127.0.0.1"], "per_host_connections": args.per_host_connections,
+                         "per_host_requests_per_second": args.per_host_rps, "shard_size": args.shard_size,
+                         "fetch_threads": args.fetch_threads, "image_size": 384, "quality": 90, "retries": 0,
+                         "workers": args.workers or os.cpu_count()}}
+    ctx = RunContext(config_from_dict(tree))
+    ctx.storage.write_table(records_table(rows), ctx.paths.records)
+    t0 = time.perf_counter()
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray_start = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    report = run_download(ctx)
+    elapsed = time.perf_counter() - t1
+    ok = report["by_status"].get("ok", 0)
+    ray.shutdown()
+    return {"seconds": elapsed, "ray_init_seconds": ray_start, "ok": ok, "images_per_s": ok / elapsed,
+            "images_per_s_incl_ray_init": ok / (elapsed + ray_start), "by_status": report["by_status"],
+            "max_concurrent_per_host": report["max_concurrent_connections_per_host"]}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--latency", type=float, default=0.05)
+    p.add_argument("--size", type=int, default=1500)
+    p.add_argument("--originals", type=int, default=40)
+    p.add_argument("--work", default=str(REPO / "benchmarks" / "out" / "download"))
+    p.add_argument("--per-host-connections", type=int, default=64)
+    p.add_argument("--per-host-rps", type=float, default=5000.0)
+    p.add_argument("--shard-size", type=int, default=250)
+    p.add_argument("--fetch-threads", type=int, default=32)
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--skip-img2dataset", action="store_true")
+    args = p.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    originals = make_originals(work / "originals", args.originals, args.size)
+    mean_kb = sum(p.stat().st_size for p in originals) / len(originals) / 1024
+    server, port = start_server(work, originals, args.n, args.latency)
+    urls = [f"http://127.0.0.1:{port}/img/{i:05d}.jpg" for i in range(args.n)]
+    results = {"n": args.n, "latency_s": args.latency, "original_px": args.size, "original_mean_kb": mean_kb,
+               "cpus": os.cpu_count(), "load_average_before": os.getloadavg()}
+    try:
+        results["artsim"] = run_artsim(work, urls, args)
+        if not args.skip_img2dataset:
+            results["img2dataset"] = run_img2dataset(work, urls, os.cpu_count() or 1)
+    finally:
+        server.terminate()
+        server.wait()
+    results["load_average_after"] = os.getloadavg()
+    a = results["artsim"]
+    print(f"\nartsim:      {a['ok']}/{args.n} ok in {a['seconds']:.1f}s = {a['images_per_s']:.1f} images/s "
+          f"(+{a['ray_init_seconds']:.1f}s ray.init: {a['images_per_s_incl_ray_init']:.1f} images/s)")
+    if "img2dataset" in results:
+        b = results["img2dataset"]
+        if "error" in b or not b.get("ok"):
+            print(f"img2dataset: failed: {b}")
+        else:
+            print(f"img2dataset: {b['ok']}/{args.n} ok in {b['seconds']:.1f}s = {b['images_per_s']:.1f} images/s")
+            results["ratio"] = a["images_per_s"] / b["images_per_s"]
+            results["ratio_incl_ray_init"] = a["images_per_s_incl_ray_init"] / b["images_per_s"]
+            print(f"ratio artsim / img2dataset: {results['ratio']:.2f}x "
+                  f"({results['ratio_incl_ray_init']:.2f}x counting ray.init)")
+    (work / "results.json").write_text(json.dumps(results, indent=2))
+    print(f"results: {work / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
