@@ -354,3 +354,19 @@ def test_synthetic_collection_reads_back_as_a_table(tmp_path):
         for key in ("creator", "subjects", "concepts", "object_type", "date_begin", "date_end", "license", "title"):
             assert row[key] == rec[key], key
         assert Path(row["image_url"][len("file://"):]).is_file()
+
+
+def test_hostile_inputs_are_contained(tmp_path):
+    from artsim.errors import ArtsimError
+
+    (tmp_path / "deep.json").write_text("[" * 200_000 + "]" * 200_000)  # recursion bomb
+    with pytest.raises(ArtsimError, match="not valid JSON"):
+        _read("smk_json", tmp_path / "deep.json")
+    # A cell beyond the csv module's field limit is one bad row; the rows after it are still read.
+    (tmp_path / "big.csv").write_text("id,title\n1," + "x" * 300_000 + "\n2,ok\n")
+    records, bad = _read("table", tmp_path / "big.csv")
+    assert list(records) == ["2"] and "field larger than field limit" in bad[0].reason
+    # Control characters in ids are dropped; absurd years are not years.
+    (tmp_path / "odd.csv").write_text("id,date\n\"a\x07b\",99999999\n")
+    records, _ = _read("table", tmp_path / "odd.csv")
+    assert records["ab"]["date_begin"] is None and records["ab"]["date"] == "99999999"

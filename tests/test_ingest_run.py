@@ -114,6 +114,13 @@ def test_run_ingest_s3(tmp_path, s3_endpoint):
     records = ctx.storage.read_table(ctx.paths.records)
     _check_report(ctx.storage.read_json(ctx.paths.ingest_report), records)
     _check_records(records)
+    # A glob over S3 keys: only met_api_objects.json matches.
+    from artsim.config import SourceConfig
+    from artsim.ingest import ingest_sources
+
+    _, stats, _, _ = ingest_sources(ctx.storage, [SourceConfig(kind="met_api_json", collection="m",
+                                                               path="s3://artsim-test/ingest-inputs/met_*.json")])
+    assert (stats[0].files, stats[0].records_written) == (1, 40)
 
 
 def test_source_directory_and_glob(tmp_path):
