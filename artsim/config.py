@@ -48,7 +48,7 @@ class RayConfig:
 @dataclass
 class SourceConfig:
     kind: Literal["table", "met_api_json", "met_csv", "smk_json", "europeana_json", "iiif_manifest"]
-    path: str  # URI of the source file (or a directory / glob of files for the JSON kinds)
+    path: str  # URI of the source file, or of a directory / glob of such files
     collection: str  # prefix of object_id
     mapping: dict[str, str] = field(default_factory=dict)  # kind=table: canonical field <- source column
     # Rewrites image_url from the record's canonical fields, e.g. "http://mirror/{local_id}.jpg" (mirrors, demo).

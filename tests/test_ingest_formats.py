@@ -336,6 +336,8 @@ def test_image_url_template_quotes_values_and_offers_source_dir(tmp_path):
     assert records["KKSgb6775/3"]["image_url"] == f"file://{tmp_path}/img/KKSgb6775%2F3.jpg"
     with pytest.raises(ConfigError, match=r"^sources\.0\.image_url_template: unknown field \{colour\}"):
         _read("table", tmp_path / "t.csv", "s", image_url_template="http://h/{colour}.jpg")
+    with pytest.raises(ConfigError, match="unknown field"):  # no attribute access through format strings
+        _read("table", tmp_path / "t.csv", "s", image_url_template="http://h/{local_id.__class__}")
 
 
 def test_synthetic_collection_reads_back_as_a_table(tmp_path):

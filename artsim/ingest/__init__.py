@@ -10,6 +10,7 @@ the Arrow table of the output.
 """
 from __future__ import annotations
 
+import os
 import posixpath
 import string
 import time
@@ -151,8 +152,6 @@ def _chain(head: list, rest: Iterator) -> Iterator:
 
 
 def _local_path(uri: str) -> str:
-    import os
-
     return os.path.abspath(uri[len("file://"):] if uri.startswith("file://") else uri)
 
 
@@ -168,7 +167,8 @@ def check_template(source: SourceConfig, key: str) -> None:
     for _, name, _, _ in parsed:
         if name is None:
             continue
-        if name == "" or name.split(".")[0].split("[")[0] not in allowed or name != name.split(".")[0].split("[")[0]:
+        # Plain field names only: "{local_id.__class__}" or "{subjects[0]}" would let a config reach into objects.
+        if name not in allowed:
             raise ConfigError(f"{key}.image_url_template",
                               f"unknown field {{{name}}} (use record fields such as {{local_id}}, {{collection}}, "
                               f"or {{source_dir}})")
