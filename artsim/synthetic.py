@@ -208,7 +208,11 @@ def render_image(record: dict, spec: SyntheticSpec, size: Optional[int] = None) 
     """Draw the image of a synthetic record; ``size`` (default ``spec.image_size``) is the longest side."""
     size = int(size or spec.image_size)
     creator_idx = _creator_index(record["creator"])
-    motif = record["subjects"][0].split(":", 1)[1] if record.get("subjects") else MOTIFS[0]
+    subject = record["subjects"][0] if record.get("subjects") else ""
+    if not subject.startswith("motif:"):
+        raise ArtsimError(f"not a synthetic factor value: subjects[0] = {subject!r} (expected motif:<name>)")
+    motif = subject[len("motif:"):]
+    _motif_index(motif)  # unknown motif names are an error, not a silent default shape
     object_type = record["object_type"]
     rng = np.random.default_rng(_stable_seed("image", spec.seed, record["object_id"]))
 

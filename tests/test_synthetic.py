@@ -165,3 +165,6 @@ def test_bad_spec_is_a_clear_error():
     with pytest.raises(ArtsimError, match="not a synthetic factor value"):
         render_image({"creator": "Rembrandt", "subjects": ["motif:circle"], "object_type": "painting",
                       "object_id": "x:1"}, SyntheticSpec(n=1))
+    with pytest.raises(ArtsimError, match="motif"):
+        render_image({"creator": "Creator 1", "subjects": ["circle"], "object_type": "painting",
+                      "object_id": "x:1"}, SyntheticSpec(n=1))
