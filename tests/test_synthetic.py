@@ -168,3 +168,14 @@ def test_bad_spec_is_a_clear_error():
     with pytest.raises(ArtsimError, match="motif"):
         render_image({"creator": "Creator 1", "subjects": ["circle"], "object_type": "painting",
                       "object_id": "x:1"}, SyntheticSpec(n=1))
+
+
+def test_command_line(tmp_path, capsys):
+    from artsim.synthetic import main
+
+    assert main([str(tmp_path / "s"), "--n", "5", "--image-size", "32", "--seed", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "wrote 5 records" in out and "kind: table" in out
+    assert len(list((tmp_path / "s" / "images").glob("*.jpg"))) == 5
+    assert main([str(tmp_path / "t"), "--n", "5", "--n-creators", "0"]) == 2
+    assert "n_creators" in capsys.readouterr().err
