@@ -8,8 +8,13 @@ from artsim.runtime import RunContext, StageTimer, ensure_ray
 from artsim.stages import stage_function
 
 
+# Stages that run Ray work; the others (ingest, mine, report) run on the driver and need not pay Ray's start-up.
+RAY_STAGES = frozenset({"download", "embed", "train", "index", "links"})
+
+
 def run_stage(ctx: RunContext, name: str, **options) -> dict:
-    ensure_ray(ctx.config)
+    if name in RAY_STAGES:
+        ensure_ray(ctx.config)
     ctx.save_config()
     say(f"stage {name}: starting (run directory {ctx.paths.root})")
     summary = stage_function(name)(ctx, **options) or {}
