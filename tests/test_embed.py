@@ -153,3 +153,27 @@ def test_describe_bottleneck():
     assert verdict.startswith("bounded by preprocessing")
     verdict, _ = describe_bottleneck(wall_s=10, model_s=1, prep_s=1, num_actors=1)
     assert verdict.startswith("bounded by reading")
+
+
+def test_cli_embed_runs_and_bad_input_exits_2(ray_session, tmp_path, capsys):
+    import yaml
+
+    from artsim.cli import main
+
+    root = tmp_path / "run"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"run": {"root": str(root)},
+                                      "embed": {"model": "resnet18", "image_size": SIZE, "torch_threads": 1}}))
+    write_images(make_ctx(str(root)), image_rows(6))
+    assert main(["embed", "-c", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "images/s" in out and "bounded by" in out
+    assert (root / "embeddings" / "resnet18" / "_SUCCESS").exists()
+    assert (root / "summaries" / "embed.json").exists()
+
+    assert main(["embed", "-c", str(config), "--set", "embed.model=resnet5000"]) == 2
+    assert "embed.model" in capsys.readouterr().err
+    assert main(["embed", "-c", str(config), "--set", f"embed.weights={tmp_path}/no/such/export"]) == 2
+    assert "not a model artifact" in capsys.readouterr().err
+    assert main(["embed", "-c", str(config), "--set", "embed.batch_size=0"]) == 2
+    assert "embed.batch_size" in capsys.readouterr().err

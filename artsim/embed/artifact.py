@@ -506,6 +506,8 @@ class Embedder(nn.Module):
         if device.type == "cuda":
             batch = batch.pin_memory().to(device, non_blocking=True)
         x = normalize(batch, self.spec.mean, self.spec.std)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)  # matches the replica's channels_last weights
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
                     if device.type == "cuda" and precision in ("bf16", "fp16") else contextlib.nullcontext())
         with torch.inference_mode(), autocast:

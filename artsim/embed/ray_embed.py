@@ -210,7 +210,7 @@ def _check_resources(cfg: EmbedConfig) -> None:
     cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
     if cfg.num_gpus > 0 and gpus < cfg.num_gpus:
         raise ConfigError("embed.num_gpus", f"{cfg.num_gpus} per actor, but the Ray cluster has {gpus:g} GPUs")
-    actor_cpus = 0.0 if cfg.num_gpus > 0 else cfg.cpus_per_actor
+    actor_cpus = cfg.cpus_per_actor
     if actor_cpus * cfg.num_actors > cpus - 1:
         raise ConfigError("embed.num_actors", f"{cfg.num_actors} actors x {actor_cpus:g} CPUs leave no CPU for "
                                               f"preprocessing (the Ray cluster has {cpus:g} CPUs)")
@@ -277,7 +277,7 @@ def run_embed(ctx, **_options) -> dict:
                 fn_constructor_kwargs={"embed_cfg": cfg, "storage_cfg": ctx.config.storage,
                                        "expected_weights_id": model_info["weights_id"], "torch_threads": threads},
                 compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-                num_gpus=cfg.num_gpus or None, num_cpus=0 if cfg.num_gpus else cfg.cpus_per_actor)
+                num_gpus=cfg.num_gpus or None, num_cpus=cfg.cpus_per_actor)
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
                 if first_result_at is None:
                     first_result_at = time.perf_counter()
