@@ -125,7 +125,15 @@ def where_mask(table: pa.Table, norm: dict) -> np.ndarray:
             col_mask = pc.and_(col_mask, pc.invert(pc.is_in(col, value_set=pa.array(cond["not"], type=col.type))))
         for op, fn in RANGE_OPS.items():
             if op in cond:
-                col_mask = pc.and_(col_mask, getattr(pc, fn)(col, pa.scalar(cond[op]).cast(col.type)
-                                                             if pa.types.is_integer(col.type) else cond[op]))
+                col_mask = pc.and_(col_mask, getattr(pc, fn)(col, _scalar(column, cond[op], col.type)))
         mask &= pc.fill_null(col_mask, False).to_numpy(zero_copy_only=False)
     return mask
+
+
+def _scalar(column: str, value, dtype: pa.DataType) -> pa.Scalar:
+    if not pa.types.is_integer(dtype):
+        return pa.scalar(value)
+    try:
+        return pa.scalar(value).cast(dtype)
+    except (pa.ArrowInvalid, OverflowError):
+        raise ArtsimError(f"where {column}: {value} is out of range for a {dtype} column") from None
