@@ -5,7 +5,8 @@ brute force (MosAIC's speed test).
     .venv/bin/python benchmarks/bench_index.py --n 200000 --skip-autofaiss      # artsim only
 
 autofaiss runs in its own virtual environment (never in the project's requirements):
-    python3.11 -m venv benchmarks/.venv-autofaiss && benchmarks/.venv-autofaiss/bin/pip install autofaiss==2.18.0
+    python3.11 -m venv benchmarks/.venv-autofaiss
+    benchmarks/.venv-autofaiss/bin/pip install autofaiss==2.18.0 pyarrow==17.0.0   # its numpy 1.x needs pyarrow < 18
 
 Steps (each build runs in its own process, whose process tree's memory is sampled from /proc: the sum of PSS, so
 pages shared between Ray workers and the object store are counted once):
