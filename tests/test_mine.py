@@ -318,3 +318,14 @@ def test_run_mine_bad_inputs_are_clear_errors(tmp_path):
     ctx.storage.write_table(records_table([record(f"c:{i}") for i in range(5)]), ctx.paths.records)
     with pytest.raises(ConfigError, match="mine.annotations: .*missing.csv: file not found"):
         run_mine(ctx)
+
+
+def test_cli_bad_mine_config_exits_2(tmp_path, capsys):
+    from artsim.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"run: {{root: {tmp_path}}}\n")
+    assert main(["mine", "-c", str(cfg), "--set", "mine.strategies={colour: 1}"]) == 2
+    assert "mine.strategies.colour: unknown strategy" in capsys.readouterr().err
+    assert main(["train", "-c", str(cfg), "--set", "train.margin=3"]) == 2
+    assert "train.margin" in capsys.readouterr().err

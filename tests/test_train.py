@@ -237,7 +237,7 @@ def test_finetune_on_images_with_checkpoints_on_s3(ray_session, s3_endpoint):
     root = f"s3://artsim-test/train-{np.random.default_rng().integers(1 << 30)}"
     ctx = RunContext(config_from_dict({
         "run": {"root": root}, "storage": {"s3_endpoint_url": s3_endpoint},
-        "embed": {"model": "resnet18", "image_size": 64},
+        "embed": {"model": "shufflenet_v2_x0_5", "image_size": 64},
         "mine": {"num_triplets": 300, "strategies": {"shared_terms": 1}, "term_fields": ["subjects"]},
         "train": {"mode": "finetune", "epochs": 2, "num_workers": 1, "cpus_per_worker": 2, "batch_size": 32,
                   "head_dim": 32, "learning_rate": 0.003, "name": "ft"}}))
@@ -255,13 +255,13 @@ def test_finetune_on_images_with_checkpoints_on_s3(ray_session, s3_endpoint):
     assert any("/checkpoint_" in k and k.endswith("model.safetensors") for k in keys)
     assert any(k.endswith("export/artifact.json") for k in keys) and any(k.endswith("recall.png") for k in keys)
     # The export is what embed.weights accepts: a finetuned backbone + head that embeds images.
-    embedder = build_embedder(config_from_dict({"embed": {"model": "resnet18", "weights": summary["export"]}}).embed,
+    embedder = build_embedder(config_from_dict({"embed": {"model": "shufflenet_v2_x0_5", "weights": summary["export"]}}).embed,
                               ctx.storage)
     assert embedder.spec.includes_backbone_weights and embedder.spec.output_dim == 32
     out = embedder.embed_bytes(images[1:4])
     assert out.shape == (3, 32) and np.allclose(np.linalg.norm(out, axis=1), 1, atol=1e-4)
-    before = build_embedder(config_from_dict({"embed": {"model": "resnet18", "image_size": 64}}).embed)
-    assert not np.allclose(before.backbone.conv1.weight.numpy(), embedder.backbone.conv1.weight.numpy())
+    before = build_embedder(config_from_dict({"embed": {"model": "shufflenet_v2_x0_5", "image_size": 64}}).embed)
+    assert not np.allclose(before.backbone.conv1[0].weight.numpy(), embedder.backbone.conv1[0].weight.numpy())
 
 
 def test_train_without_inputs_is_a_clear_error(tmp_path):
