@@ -29,6 +29,8 @@ def main(argv=None) -> int:
     p.add_argument("--root", default=str(REPO / "artifacts" / "measure_similarity"))
     p.add_argument("--model", default="resnet18", help="torchvision backbone (random init)")
     p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--image-size", type=int, default=128, help="crop side fed to the backbone")
+    p.add_argument("--finetune-steps", type=int, default=8, help="batches per worker and epoch in finetune mode")
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--modes", default="head,finetune")
@@ -53,7 +55,7 @@ def main(argv=None) -> int:
     tree = base.to_dict()
     tree["run"]["root"] = args.root
     tree["ray"]["num_cpus"] = max(2, args.num_workers)
-    tree["embed"].update(model=args.model, weights=None)
+    tree["embed"].update(model=args.model, weights=None, image_size=args.image_size)
     tree["train"].update(epochs=args.epochs, num_workers=args.num_workers)
     results: dict = {"model": args.model, "epochs": args.epochs, "k": args.k}
 
@@ -86,7 +88,8 @@ def main(argv=None) -> int:
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
         mtree = json.loads(json.dumps(tree))
         mtree["train"].update(mode=mode, name=f"met-{mode}", batch_size=32,
-                              learning_rate=1e-3 if mode == "head" else 3e-4)
+                              learning_rate=1e-3 if mode == "head" else 3e-4,
+                              steps_per_epoch=None if mode == "head" else args.finetune_steps)
         mctx = RunContext(config_from_dict(mtree))
         if mctx.storage.exists(mctx.paths.model(f"met-{mode}")):
             mctx.storage.delete(mctx.paths.model(f"met-{mode}"))  # measure a fresh run, not a resumed one
@@ -122,6 +125,7 @@ def main(argv=None) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
         say(f"results in {args.json}")
+    say(f"plots: {ctx.paths.model('met-head')}/recall.png, {ctx.paths.model('met-finetune')}/recall.png")
     return 0
 
 

@@ -172,6 +172,8 @@ def train_loop_per_worker(config: dict) -> None:
         started = time.perf_counter()
         model.train()
         batches = epoch_batches(len(data.anchors), config["batch_size"], epoch, config["seed"], rank, world)
+        if config.get("steps_per_epoch"):
+            batches = batches[:config["steps_per_epoch"]]  # a fresh permutation each epoch: other triplets next time
         total_loss, total_active, seen = 0.0, 0.0, 0
         for step, batch in enumerate(batches):
             if (crash_epoch == epoch and rank == world - 1 and step == len(batches) // 2 and crash_marker
