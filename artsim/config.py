@@ -223,8 +223,11 @@ class TrainConfig:
     max_failures: int = 3  # worker failures to recover from (restart from the last checkpoint)
     keep_checkpoints: int = 2  # newest checkpoints kept under models/<name>/
     embeddings: Optional[str] = None  # head mode: embeddings/<key>/; null: the embed section's model key
+    steps_per_epoch: Optional[int] = None  # batches per worker and epoch; null: one pass over the triplets
 
     def check(self):
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            yield "steps_per_epoch", "must be at least 1"
         if self.num_workers < 1:
             yield "num_workers", "must be at least 1"
         if self.epochs < 1:
