@@ -329,3 +329,15 @@ def test_cli_bad_mine_config_exits_2(tmp_path, capsys):
     assert "mine.strategies.colour: unknown strategy" in capsys.readouterr().err
     assert main(["train", "-c", str(cfg), "--set", "train.margin=3"]) == 2
     assert "train.margin" in capsys.readouterr().err
+
+
+def test_same_collection_annotations_are_split_and_counted_once():
+    recs = [record(f"a:{i}") for i in range(6)] + [record(f"b:{i}") for i in range(6)]
+    rows = parse_annotations_csv("anchor,similar,dissimilar\na:0,a:1|b:1,a:2\nb:0,b:1,a:3\nx:9,a:1,\n")
+    cfg = MineConfig(num_triplets=20, strategies={"annotations": 1}, same_collection=True)
+    result = mine_triplets(corpus_from_records(recs), cfg, MiningInputs(annotations=rows))
+    for t in result.triplets:
+        assert len({x.split(":")[0] for x in t.key}) == 1
+    assert ("a:0", "a:1", "a:2") in {t.key for t in result.triplets}
+    issues = result.report["issues"]["annotations"]
+    assert issues["unknown_ids"] == 1 and issues["cross_collection_ids"] == 2  # b:1 for a:0, a:3 for b:0

@@ -107,10 +107,28 @@ def _restrict(inputs: MiningInputs, corpus: MiningCorpus, indices: np.ndarray) -
         keep = np.array([int(o) in position for o in inputs.image_objects], dtype=bool)
         image_vectors = inputs.image_vectors[keep]
         image_objects = np.array([position[int(o)] for o in inputs.image_objects[keep]], dtype=np.int64)
+    annotations = None
+    if inputs.annotations:
+        # Only this collection's part of each annotation; ids elsewhere are counted once by _annotation_issues.
+        inside = set(sub.object_ids)
+        annotations = [Annotation(r.line, r.anchor, [x for x in r.similar if x in inside],
+                                  [x for x in r.dissimilar if x in inside])
+                       for r in inputs.annotations if r.anchor in inside]
     return sub, MiningInputs(
         text_vectors=inputs.text_vectors[indices] if inputs.text_vectors is not None else None,
         image_vectors=image_vectors, image_objects=image_objects,
-        annotations=inputs.annotations, image_embeddings_name=inputs.image_embeddings_name)
+        annotations=annotations, image_embeddings_name=inputs.image_embeddings_name)
+
+
+def _annotation_issues(corpus: MiningCorpus, annotations: list, same_collection: bool) -> dict:
+    index = corpus.index_of()
+    unknown = [x for r in annotations for x in [r.anchor, *r.similar, *r.dissimilar] if x not in index]
+    out = {"rows": len(annotations), "unknown_ids": len(unknown), "unknown_examples": unknown[:5]}
+    if same_collection:
+        out["cross_collection_ids"] = sum(
+            1 for r in annotations if r.anchor in index for x in [*r.similar, *r.dissimilar]
+            if x in index and corpus.collections[index[x]] != corpus.collections[index[r.anchor]])
+    return out
 
 
 def mine_triplets(corpus: MiningCorpus, cfg: MineConfig, inputs: Optional[MiningInputs] = None,
@@ -168,6 +186,8 @@ def mine_triplets(corpus: MiningCorpus, cfg: MineConfig, inputs: Optional[Mining
                 progress(name, sum(len(v) for v in mined.values()))
 
     run_round(quotas)
+    if "annotations" in weights:
+        issues["annotations"] = _annotation_issues(corpus, inputs.annotations, cfg.same_collection)
     exhausted.add("annotations")  # every curated triplet was taken in the first round; top-ups come from others
     # Top up: strategies that could still give more cover for those that ran dry.
     for _ in range(20):
