@@ -197,7 +197,7 @@ def train_loop_per_worker(config: dict) -> None:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            total_loss += float(loss) * m
+            total_loss += float(loss.detach()) * m
             total_active += stats["active"] * m
             seen += m
         sums = torch.tensor([total_loss, total_active, float(seen)], dtype=torch.float64)
