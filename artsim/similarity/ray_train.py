@@ -245,7 +245,14 @@ def fit(loop_config: dict, num_workers: int, use_gpu: bool, cpus_per_worker: int
             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
         ),
     )
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    except Exception as exc:  # Ray Train raises TrainingFailedError / ControllerError once retries are spent
+        from artsim.errors import ArtsimError
+
+        lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+        raise ArtsimError(f"train: training failed after {max_failures} restart(s) allowed: "
+                          f"{type(exc).__name__}: {(lines[-1] if lines else '')[:400]}") from exc
 
 
 def latest_checkpoint_state(result) -> Optional[tuple[dict, dict]]:
