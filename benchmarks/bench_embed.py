@@ -58,15 +58,20 @@ def plain_loop(ctx: RunContext, rows: list[dict], threads: int) -> dict:
     built = time.perf_counter()
     precision = cfg.precision if cfg.num_gpus > 0 else "fp32"
     vectors = {}
+    first_batch_at = None
     for i in range(0, len(rows), cfg.batch_size):
         batch = rows[i:i + cfg.batch_size]
         pixels, _ = pixels_batch([r["image"] for r in batch], embedder.spec.resize_size, embedder.spec.image_size)
         out = embedder.embed_pixels(pixels, precision)
         vectors.update({r["object_id"]: v for r, v in zip(batch, out)})
+        first_batch_at = first_batch_at or time.perf_counter()
     end = time.perf_counter()
     n = len(rows)
+    # steady state as the pipeline measures it: images after the first batch / time after the first batch
+    after_first = n - min(cfg.batch_size, n)
     return {"images": n, "seconds": end - start, "images_per_s": n / (end - start),
-            "steady_images_per_s": n / (end - built), "vectors": vectors}
+            "steady_images_per_s": after_first / (end - first_batch_at) if after_first else 0.0,
+            "first_batch_s": first_batch_at - start, "model_build_s": built - start, "vectors": vectors}
 
 
 def ray_pipeline(ctx: RunContext) -> dict:
@@ -79,7 +84,8 @@ def ray_pipeline(ctx: RunContext) -> dict:
     vectors = dict(zip(table.column("object_id").to_pylist(),
                        np.asarray(table.column("embedding").to_pylist(), dtype=np.float32)))
     return {"images": summary["embedded"], "seconds": seconds, "images_per_s": summary["embedded"] / seconds,
-            "steady_images_per_s": summary["steady_images_per_s"], "bottleneck": summary["bottleneck"],
+            "steady_images_per_s": summary["steady_images_per_s"], "first_batch_s": summary["first_batch_s"],
+            "bottleneck": summary["bottleneck"],
             "vectors": vectors}
 
 
@@ -94,6 +100,7 @@ def main() -> int:
     p.add_argument("--num-gpus", type=float, default=0.0)
     p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--torch-threads", type=int, default=None, help="default: cores / actors")
+    p.add_argument("--repeats", type=int, default=1, help="alternate plain and Ray runs this many times")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
 
@@ -110,26 +117,37 @@ def main() -> int:
         rows = build_images(ctx, args.images)
         print(f"bench_embed: {args.model} random init, {args.image_size} px, {args.images} images, batch "
               f"{args.batch_size}, {threads} torch threads, {cores} cores, load average {os.getloadavg()[0]:.2f}")
-        plain = plain_loop(ctx, rows, threads if args.num_gpus == 0 else cores)
-        print(f"plain loop : {plain['images_per_s']:.2f} images/s end to end, {plain['steady_images_per_s']:.2f} "
-              f"without model construction ({plain['seconds']:.1f}s)")
         ray.init(num_cpus=args.num_cpus or cores, include_dashboard=False, log_to_driver=True)
         ray.data.DataContext.get_current().enable_progress_bars = False
-        piped = ray_pipeline(ctx)
+        # Alternate the two so that load from other jobs on a shared machine hits both alike; report medians.
+        plains, pipes = [], []
+        for rep in range(args.repeats):
+            plain = plain_loop(ctx, rows, threads if args.num_gpus == 0 else cores)
+            plains.append(plain)
+            print(f"[{rep + 1}/{args.repeats}] plain loop : {plain['images_per_s']:.2f} images/s end to end "
+                  f"({plain['seconds']:.1f}s; first batch after {plain['first_batch_s']:.1f}s, then "
+                  f"{plain['steady_images_per_s']:.2f}/s)", flush=True)
+            piped = ray_pipeline(ctx)
+            pipes.append(piped)
+            print(f"[{rep + 1}/{args.repeats}] ray        : {piped['images_per_s']:.2f} images/s end to end "
+                  f"({piped['seconds']:.1f}s; first batch after {piped['first_batch_s']:.1f}s, then "
+                  f"{piped['steady_images_per_s']:.2f}/s); {piped['bottleneck']}", flush=True)
         ray.shutdown()
-        print(f"ray        : {piped['images_per_s']:.2f} images/s end to end, {piped['steady_images_per_s']:.2f} "
-              f"after the first batch ({piped['seconds']:.1f}s); {piped['bottleneck']}")
-        diff = max(float(np.abs(piped["vectors"][k] - v).max()) for k, v in plain["vectors"].items())
-        ratio = piped["images_per_s"] / plain["images_per_s"]
-        steady_ratio = piped["steady_images_per_s"] / plain["steady_images_per_s"]
-        print(f"ratio ray/plain: {ratio:.3f} end to end, {steady_ratio:.3f} steady state "
+        diff = max(float(np.abs(pipes[-1]["vectors"][k] - v).max()) for k, v in plains[-1]["vectors"].items())
+
+        def median(runs, key):
+            return float(np.median([r[key] for r in runs]))
+
+        ratio = median(pipes, "images_per_s") / median(plains, "images_per_s")
+        steady_ratio = median(pipes, "steady_images_per_s") / median(plains, "steady_images_per_s")
+        print(f"ratio ray/plain (medians of {args.repeats}): {ratio:.3f} end to end, {steady_ratio:.3f} steady state "
               f"(target >= 0.9); max |difference| between the two sets of vectors {diff:.2e}; "
               f"load average now {os.getloadavg()[0]:.2f}")
         result = {"model": args.model, "images": args.images, "batch_size": args.batch_size,
-                  "image_size": args.image_size, "threads": threads, "cores": cores,
-                  "plain_images_per_s": plain["images_per_s"], "plain_steady_images_per_s": plain["steady_images_per_s"],
-                  "ray_images_per_s": piped["images_per_s"], "ray_steady_images_per_s": piped["steady_images_per_s"],
-                  "ratio": ratio, "steady_ratio": steady_ratio, "max_abs_diff": diff, "bottleneck": piped["bottleneck"]}
+                  "image_size": args.image_size, "threads": threads, "cores": cores, "repeats": args.repeats,
+                  "plain": [{k: v for k, v in r.items() if k != "vectors"} for r in plains],
+                  "ray": [{k: v for k, v in r.items() if k != "vectors"} for r in pipes],
+                  "ratio": ratio, "steady_ratio": steady_ratio, "max_abs_diff": diff}
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from artsim.config import config_from_dict
+from artsim.config import EmbedConfig, config_from_dict
 from artsim.embed import run_embed
 from artsim.embed.artifact import build_embedder, model_key
 from artsim.embed.ray_embed import EmbeddingWriter, EmbedWorker, describe_bottleneck
@@ -75,8 +75,13 @@ def check_output(ctx: RunContext, rows: list[dict], summary: dict, atol: float) 
     for oid, vec in zip(ids, vectors):
         np.testing.assert_allclose(vec, expected[oid], atol=atol)
     info = ctx.storage.read_json(f"{out}/_model.json")
-    assert info["weights_id"] == "random-init-seed-0" and info["output_dim"] == 512 == table.schema.field(
-        "embedding").type.list_size
+    assert info["output_dim"] == table.schema.field("embedding").type.list_size == len(vectors[0])
+    assert info["weights_id"] == build_embedder(ctx.config.embed, ctx.storage).weights_id
+    # What serving does with _model.json (via the index manifest): rebuild the model and embed a query image.
+    rebuilt = build_embedder(EmbedConfig(model=info["backbone"], weights=info["weights"], seed=info["seed"]),
+                             ctx.storage, image_size=None if info["spec"]["head"] else info["image_size"])
+    assert rebuilt.weights_id == info["weights_id"]
+    np.testing.assert_allclose(rebuilt.embed_pil([rows[0]["image"]])[0], expected[rows[0]["object_id"]], atol=1e-5)
     report = ctx.storage.read_json(f"{out}/_report.json")
     assert report["decode_errors"] == 1 and report["failures"][0]["object_id"] == "met:corrupt0"
     assert summary["embedded"] == len(expected) and summary["skipped_not_ok"] == 3 and summary["images_per_s"] > 0
@@ -99,6 +104,30 @@ def test_embed_s3_round_trip_float16(ray_session, s3_endpoint):
     table = ctx.storage.read_table(summary["output"])
     assert table.schema.field("embedding").type.value_type == pa.float16()
     check_output(ctx, rows, summary, atol=2e-3)  # float16 storage: ~3 significant digits
+
+
+def test_embed_with_a_trained_artifact(ray_session, tmp_path):
+    """The train -> embed hand-off: an exported artifact (backbone + head) as embed.weights."""
+    import dataclasses
+
+    import torch
+
+    from artsim.embed.artifact import build_head, save_artifact
+
+    ctx = make_ctx(str(tmp_path / "run"), torch_threads=1)
+    base = build_embedder(ctx.config.embed, ctx.storage)
+    head_dict = {"type": "linear", "in_dim": base.spec.feature_dim, "out_dim": 16}
+    torch.manual_seed(0)
+    head = build_head(head_dict)
+    uri = ctx.paths.model_export("sim")
+    save_artifact(ctx.storage, uri, dataclasses.replace(base.spec, head=head_dict, output_dim=16),
+                  head_state=head.state_dict())
+    ctx = make_ctx(str(tmp_path / "run"), torch_threads=1, weights=uri, image_size=None)
+    rows = image_rows(6)
+    write_images(ctx, rows)
+    summary = run_embed(ctx)
+    assert summary["model_key"] == "resnet18-sim" and summary["dim"] == 16
+    check_output(ctx, rows, summary, atol=1e-5)
 
 
 def test_rerun_replaces_output_and_incomplete_input_is_refused(ray_session, tmp_path):
@@ -134,6 +163,8 @@ def test_worker_and_writer_without_ray(tmp_path):
     assert batch["pixels"].shape == (len(rows), SIZE, SIZE, 3)
     errors = list(batch["error"])
     assert errors[:4] == ["", "", "", ""] and all(errors[4:])  # None bytes and corrupt bytes get a message
+    with pytest.raises(ArtsimError, match="expected sha-of-other-weights"):  # replicas refuse other weights
+        EmbedWorker(ctx.config.embed, ctx.config.storage, "sha-of-other-weights", torch_threads=1)
     worker = EmbedWorker(ctx.config.embed, ctx.config.storage, "random-init-seed-0", torch_threads=1)
     out = worker(batch)
     assert out["embedding"].shape == (len(rows), 512) and not out["embedding"][4:].any()

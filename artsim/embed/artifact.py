@@ -455,9 +455,11 @@ class Embedder(nn.Module):
     - ``embed_pixels(uint8 (N, H, W, 3))`` / ``embed_pil(images)`` / ``embed_bytes(list of bytes)``: -> numpy
     """
 
-    def __init__(self, spec: ModelSpec, backbone, head, weights_id: str, key: str):
+    def __init__(self, spec: ModelSpec, backbone, head, weights_id: str, key: str, weights: Optional[str] = None,
+                 seed: int = 0):
         super().__init__()
         self.spec = spec
+        self.weights, self.seed = weights, seed  # the embed config values it was built from
         self.backbone = backbone
         self.head = head
         self.weights_id = weights_id
@@ -524,12 +526,16 @@ class Embedder(nn.Module):
 
     def describe(self) -> dict:
         """What embeddings/<model_key>/_model.json holds (copied into index manifests)."""
-        return model_description(self.model_key, self.spec, self.weights_id)
+        return model_description(self.model_key, self.spec, self.weights_id, self.weights, self.seed)
 
 
-def model_description(key: str, spec: ModelSpec, weights_id: str) -> dict:
-    """The model part of embeddings/<model_key>/_model.json (the index stage copies it into its manifest)."""
-    return {"name": key, "model_key": key, "backbone": spec.backbone, "weights": spec.backbone_weights,
+def model_description(key: str, spec: ModelSpec, weights_id: str, weights: Optional[str], seed: int) -> dict:
+    """The model part of embeddings/<model_key>/_model.json (the index stage copies it into its manifest).
+
+    ``weights`` and ``seed`` are the embed config's values, so that serving can rebuild the same model with
+    ``EmbedConfig(model=backbone, weights=weights, seed=seed)`` and check it by ``weights_id``.
+    """
+    return {"name": key, "model_key": key, "backbone": spec.backbone, "weights": weights, "seed": seed,
             "weights_id": weights_id, "output_dim": spec.output_dim, "image_size": spec.image_size,
             "resize_size": spec.resize_size, "mean": spec.mean, "std": spec.std, "spec": spec.to_dict()}
 
@@ -598,11 +604,11 @@ def build_embedder(embed_cfg, storage: Optional[Storage] = None, image_size: Opt
             head.eval()
             for p in head.parameters():
                 p.requires_grad_(False)
-        return Embedder(spec, backbone, head, weights_id, key)
+        return Embedder(spec, backbone, head, weights_id, key, weights, embed_cfg.seed)
     spec = backbone_spec(embed_cfg.model, weights, embed_cfg.seed, image_size)
     backbone, feature_dim = build_backbone(spec)
     spec.feature_dim = spec.output_dim = feature_dim
-    return Embedder(spec, backbone, None, _torchvision_weights_id(embed_cfg), key)
+    return Embedder(spec, backbone, None, _torchvision_weights_id(embed_cfg), key, weights, embed_cfg.seed)
 
 
 __all__ = [

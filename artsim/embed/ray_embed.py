@@ -237,7 +237,7 @@ def run_embed(ctx, **_options) -> dict:
     spec, weights_id = describe_model(cfg, storage)
     key = model_key(cfg)
     out_uri = ctx.paths.embeddings(key)
-    model_info = model_description(key, spec, weights_id) | {
+    model_info = model_description(key, spec, weights_id, cfg.weights, cfg.seed) | {
         "dtype": cfg.dtype, "precision": cfg.precision if cfg.num_gpus else "fp32"}
 
     statuses = storage.read_table(images_uri, columns=["status"]).column("status").to_pylist()
@@ -248,7 +248,9 @@ def run_embed(ctx, **_options) -> dict:
     _check_resources(cfg)
     threads = default_torch_threads(cfg)
     start = time.perf_counter()
-    first_result_at: Optional[float] = None
+    first_result_at: Optional[float] = None  # steady-state rate: rows after the first batch / time after it
+    last_result_at = start
+    first_batch_rows = 0
     model_s = prep_s = 0.0
     progress = Progress("embed", total=n_ok, unit="images", interval=5.0)
     with storage.atomic_dir(out_uri) as staging:
@@ -262,10 +264,10 @@ def run_embed(ctx, **_options) -> dict:
             ds = ds.filter(expr=col("status") == "ok")
             prep_compute = (ray.data.TaskPoolStrategy(size=cfg.preprocess_concurrency)
                             if cfg.preprocess_concurrency else None)
-            # The memory hint (interpreter + pyarrow ~150 MiB measured, plus decoded image and pixels per row) also keeps Ray from fusing
-            # these tasks into the model actors (it fuses ops whose resource requests are equal): decoding must
-            # overlap with the model, not run in the actor's thread between batches.
-            prep_memory = 192 * 2**20 + cfg.batch_size * 3 * (spec.image_size**2 + 4 * spec.resize_size**2)
+            # The memory hint (interpreter + pyarrow: 150-240 MiB measured, plus decoded images and pixels) also
+            # keeps Ray from fusing these tasks into the model actors (it fuses ops whose resource requests are
+            # equal): decoding must overlap with the model, not run in the actor's thread between batches.
+            prep_memory = 256 * 2**20 + cfg.batch_size * 3 * (spec.image_size**2 + 4 * spec.resize_size**2)
             ds = ds.map_batches(preprocess_batch, batch_size=cfg.batch_size, batch_format="numpy",
                                 fn_kwargs={"resize_size": spec.resize_size, "crop_size": spec.image_size},
                                 num_cpus=1, memory=prep_memory, compute=prep_compute)
@@ -279,8 +281,9 @@ def run_embed(ctx, **_options) -> dict:
                 compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
                 num_gpus=cfg.num_gpus or None, num_cpus=cfg.cpus_per_actor)
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+                last_result_at = time.perf_counter()
                 if first_result_at is None:
-                    first_result_at = time.perf_counter()
+                    first_result_at, first_batch_rows = last_result_at, len(batch["object_id"])
                 writer.add(batch["object_id"], batch["embedding"], batch["error"])
                 model_s += float(np.sum(batch["model_s"]))
                 prep_s += float(np.sum(batch["prep_s"]))
@@ -294,17 +297,21 @@ def run_embed(ctx, **_options) -> dict:
         storage.write_json(join(staging, "_model.json"), model_info)
         storage.write_json(join(staging, "_report.json"), report)
     rate = writer.written / max(wall, 1e-9)
-    steady = (writer.written / max(time.perf_counter() - first_result_at, 1e-9)) if first_result_at else 0.0
+    after_first = progress.done - first_batch_rows
+    steady = (after_first / (last_result_at - first_result_at)) if first_result_at and after_first else 0.0
+    startup = (first_result_at - start) if first_result_at else 0.0
     say(f"embed: done: {writer.written} embedded, {writer.failed} could not be decoded, "
         f"{n_input - n_ok} skipped (download status not ok) in {wall:.1f}s = {rate:.1f} images/s "
-        f"(after the first batch {steady:.1f}/s; {cfg.num_actors} actor(s), batch {cfg.batch_size}, "
+        f"(first batch after {startup:.1f}s, then {steady:.1f}/s; {cfg.num_actors} actor(s), "
+        f"batch {cfg.batch_size}, "
         f"{'GPU ' + cfg.precision if cfg.num_gpus else f'CPU {threads} threads/actor'})")
     say(f"embed: {verdict}")
     say(f"embed: wrote {out_uri} ({len(writer.files)} file(s), _model.json, _report.json)")
     return {"model_key": key, "output": out_uri, "weights_id": model_info["weights_id"], "dim": spec.output_dim,
             "dtype": cfg.dtype, "input_records": n_input, "skipped_not_ok": n_input - n_ok,
             "embedded": writer.written, "decode_errors": writer.failed, "seconds": round(wall, 2),
-            "images_per_s": round(rate, 2), "steady_images_per_s": round(steady, 2), "bottleneck": verdict,
+            "images_per_s": round(rate, 2), "steady_images_per_s": round(steady, 2),
+            "first_batch_s": round(startup, 2), "bottleneck": verdict,
             "model_busy_s": round(model_s, 2), "preprocess_busy_s": round(prep_s, 2), **busy}
 
 
