@@ -132,7 +132,7 @@ class DownloadConfig:
 class EmbedConfig:
     model: str = "resnet50"  # a torchvision model name
     weights: Optional[str] = None  # torchvision weights name, artifact URI, or null = random init
-    batch_size: int = 32
+    batch_size: int = 32  # images per model call (and per block through the pipeline)
     num_actors: int = 1  # model replicas in the actor pool
     num_gpus: float = 0.0  # per actor; 0 runs on CPU
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # autocast on GPU; CPU always runs fp32
