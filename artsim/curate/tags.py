@@ -114,8 +114,8 @@ def evaluate_tag_recommendation(records, vectors, vector_ids, *, k: int = 10, mi
     Leave-one-out: every work with a vector and at least one tag (of ``kind`` if given: "subject" or "concept")
     in turn loses one tag chosen at random (seeded) and gets recommendations from its neighbours' tags (the
     neighbours keep theirs: they are known to the system). Reported next to the popularity baseline (the ``at``
-    most frequent tags the work lacks) and the share of hidden tags that are recoverable at all (some other work still carries
-    them — a tag only one work has can never be recommended from neighbours).
+    most frequent tags the work lacks) and the share of hidden tags that are recoverable at all (some other work
+    still carries them — a tag only one work has can never be recommended from neighbours).
     """
     _check_params(k=k, min_support=min_support, at=at)
     if kind not in (None, "subject", "concept"):
