@@ -304,8 +304,15 @@ class LinksConfig:
 
 @dataclass
 class ReportConfig:
-    name: str = "report"
-    example_queries: int = 3
+    name: str = "report"  # reports/<name>/index.html
+    example_queries: int = 3  # demo: example queries printed at the end
+    suggest_tags: bool = True  # suggested subjects/concepts from visual neighbours, with a held-out evaluation
+    classify_vocabulary: bool = True  # Europeana's 20 image categories from metadata text + image neighbours
+    latent_walks: int = 2  # paths through the embedding space between works of different collections
+
+    def check(self):
+        if self.latent_walks < 0:
+            yield "latent_walks", "must be 0 or more"
 
 
 @dataclass

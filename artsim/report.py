@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from artsim.console import say
+from artsim.curate.html import card as _card
 from artsim.storage import join
 
 _MAX_MAP_POINTS = 600  # thumbnails on the map
@@ -40,23 +41,26 @@ def run_report(ctx) -> dict:
     embeddings_uri, vectors, vector_ids = _latest_embeddings(storage, paths)
     links_uri, links = _latest_links(storage, paths)
 
-    wanted = set(vector_ids[:_MAX_MAP_POINTS]) if vector_ids else set()
-    if links is not None:
-        sheet_ids = _sheet_objects(links, _MAX_SHEETS)
-        wanted |= set(sheet_ids) | set(links.filter(pc.is_in(links["object_id"], pa.array(sheet_ids)))
-                                        .column("neighbor_id").to_pylist())
-    else:
-        sheet_ids = []
+    has_vectors = vectors is not None and len(vector_ids) >= 3
+    sheet_ids = _sheet_objects(links, _MAX_SHEETS) if links is not None else []
+    curated = _curate(ctx.config.report, records, vectors, vector_ids, sheet_ids or vector_ids, meta) \
+        if has_vectors else {}
+
+    # Thumbnails only for the works shown (read shard by shard), so the page stays small for any collection size.
+    wanted = set(vector_ids[:_MAX_MAP_POINTS]) | set(sheet_ids) | curated.get("shown", set())
+    if sheet_ids:
+        wanted |= set(links.filter(pc.is_in(links["object_id"], pa.array(sheet_ids))).column("neighbor_id").to_pylist())
     thumbs = _thumbnails(storage, paths.images, wanted) if storage.exists(paths.images) else {}
 
     sections = [_overview_section(ctx, records, images_report, ingest_report, embeddings_uri, links_uri)]
     if images_report:
         sections.append(_download_section(images_report))
-    if vectors is not None and len(vector_ids) >= 3:
+    if has_vectors:
         sections.append(_map_section(vectors, vector_ids, meta, thumbs))
         sections.append(_cluster_section(vectors, vector_ids, meta, thumbs))
-    if links is not None and sheet_ids:
+    if sheet_ids:
         sections.append(_sheets_section(links, sheet_ids, meta, thumbs))
+    sections += _curated_html(curated, meta, thumbs)
 
     page = _PAGE.format(title=html.escape(f"artsim report — {paths.root}"), body="\n".join(sections),
                         generated=time.strftime("%Y-%m-%d %H:%M:%S"))
@@ -65,6 +69,53 @@ def run_report(ctx) -> dict:
     seconds = time.perf_counter() - start
     say(f"report: {out} ({len(page) / 1e6:.1f} MB, {seconds:.1f} s)")
     return {"report_uri": out, "bytes": len(page), "seconds": round(seconds, 2)}
+
+
+def _curate(cfg, records, vectors, vector_ids, walk_candidates, meta) -> dict:
+    """Suggested tags, vocabulary concepts and latent walks (artsim.curate), as the report config asks, plus the
+    set of works they show (for thumbnails)."""
+    from artsim.curate import classify_vocabulary, evaluate_tag_recommendation, latent_walk, recommend_tags
+
+    out: dict = {"shown": set()}
+    has_tags = any(records.column("subjects").to_pylist()) or any(records.column("concepts").to_pylist())
+    if cfg.suggest_tags and has_tags:
+        out["tags"] = recommend_tags(records, vectors, vector_ids, k=10, min_support=2)
+        out["tags_evaluation"] = evaluate_tag_recommendation(records, vectors, vector_ids, k=5)
+        best_first = sorted(out["tags"], key=lambda r: -max((t["score"] for t in r["tags"]), default=0.0))
+        for rec in best_first[:_MAX_SHEETS]:  # the ones tag_recommendations_html shows
+            out["shown"] |= {rec["object_id"]} | {e["object_id"] for t in rec["tags"] for e in t["evidence"]}
+    if cfg.classify_vocabulary:
+        out["vocabulary"] = classify_vocabulary(records, vectors=vectors, vector_ids=vector_ids)
+        out["shown"] |= {c["object_id"] for c in out["vocabulary"][:24]}
+    out["walks"] = [latent_walk(vectors, vector_ids, a, b, steps=8)
+                    for a, b in walk_endpoints(walk_candidates, meta, cfg.latent_walks)]
+    out["shown"] |= {step["object_id"] for walk in out["walks"] for step in walk}
+    return out
+
+
+def _curated_html(curated: dict, meta: dict, thumbs: dict) -> list[str]:
+    from artsim.curate.html import tag_recommendations_html, vocabulary_html, walk_html
+
+    out = []
+    if "tags" in curated:
+        out.append(tag_recommendations_html(curated["tags"], meta, thumbs, evaluation=curated["tags_evaluation"]))
+    if "vocabulary" in curated:
+        out.append(vocabulary_html(curated["vocabulary"], meta, thumbs))
+    out += [walk_html(walk, meta, thumbs) for walk in curated.get("walks", [])]
+    return out
+
+
+def walk_endpoints(candidates: list[str], meta: dict, n: int) -> list[tuple[str, str]]:
+    """Up to n (start, end) pairs of works from different collections (the walk crosses museums)."""
+    pairs = []
+    for i, a in enumerate(candidates):
+        for b in reversed(candidates[i + 1:]):
+            if len(pairs) >= n:
+                return pairs
+            if meta.get(a, {}).get("collection") != meta.get(b, {}).get("collection"):
+                pairs.append((a, b))
+                break
+    return pairs
 
 
 # -- inputs ---------------------------------------------------------------------------------------------------------
@@ -237,18 +288,6 @@ def _sheets_section(links: pa.Table, sheet_ids, meta, thumbs) -> str:
                       f"<div class='arrow'>→</div>{cells}</div></div>")
     return ("<h2>Neighbour sheets</h2><p>Each row: a work and its nearest works in other collections "
             "(from links/).</p>" + "".join(blocks))
-
-
-def _card(object_id, meta, thumbs, caption: Optional[str] = None) -> str:
-    m = meta.get(object_id, {})
-    img = f"<img src='{thumbs[object_id]}'>" if object_id in thumbs else "<div class='noimg'></div>"
-    title = html.escape(str(m.get("title") or ""))[:60]
-    creator = html.escape(str(m.get("creator") or ""))[:40]
-    link = m.get("landing_url")
-    name = html.escape(object_id)
-    name = f"<a href='{html.escape(link)}'>{name}</a>" if link else name
-    cap = f"<b>{html.escape(caption)}</b><br>" if caption else ""
-    return f"<div class='card'>{img}<div class='cap'>{cap}{name}<br>{title}<br><i>{creator}</i></div></div>"
 
 
 def _top_values(values, n: int = 3) -> str:

@@ -20,7 +20,8 @@ def _run_dir(tmp_path):
         coll = "a" if i % 2 else "b"
         oid = f"{coll}:{f.stem}"
         recs.append({**empty_record(), "object_id": oid, "collection": coll, "title": f"Title <{i}>",
-                     "creator": f"Artist {i % 3}", "object_type": "Painting"})
+                     "creator": f"Artist {i % 3}", "object_type": "Painting",
+                     "subjects": ["Horses", "Landscapes"][: i % 3]})
         data = f.read_bytes()
         imgs.append({"object_id": oid, "status": "ok", "http_status": 200, "error": None, "url_final": None,
                      "width": 1, "height": 1, "sha256": hashlib.sha256(data).hexdigest(), "image": data})
@@ -53,8 +54,21 @@ def test_report_is_offline_html_with_map_clusters_and_sheets(tmp_path):
     assert page.startswith("<!doctype html>")
     # offline: no external resources (links to museum pages are fine, but nothing is loaded from the network)
     assert not re.search(r"""(src|href)=['"]?(https?:)?//""", page.replace("href='http", "href='local"))
-    for section in ("Overview", "Download", "Map", "Clusters", "Neighbour sheets"):
+    for section in ("Overview", "Download", "Map", "Clusters", "Neighbour sheets", "Suggested tags",
+                    "Vocabulary", "Latent walk"):
         assert f"<h2>{section}" in page
     # every record's thumbnail is embedded, and titles are escaped
     assert page.count("data:image/jpeg;base64,") >= 12
     assert "Title &lt;3&gt;" in page and "Title <3>" not in page
+
+
+def test_report_without_tags_or_curator_sections(tmp_path):
+    ctx, recs = _run_dir(tmp_path)
+    from artsim.schema import records_table
+
+    ctx.storage.write_table(records_table([{**r, "subjects": []} for r in recs]), ctx.paths.records)
+    ctx.config.report.classify_vocabulary = False
+    ctx.config.report.latent_walks = 0
+    page = open(run_report(ctx)["report_uri"], encoding="utf-8").read()
+    assert "<h2>Neighbour sheets" in page
+    assert "Suggested tags" not in page and "Vocabulary" not in page and "Latent walk" not in page
