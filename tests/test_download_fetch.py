@@ -458,3 +458,27 @@ def test_shard_plan_is_deterministic_and_incremental():
     dup = plan_shards(recs(list(range(5)) + [3, 4]), empty, 8, False, ())
     assert dup.duplicate_ids == 2 and sum(len(t.records) for t in dup.tasks) == 5
     assert ShardTask.from_json(a.tasks[0].to_json()) == a.tasks[0]
+
+
+def test_unreachable_limiter_fails_the_shard_instead_of_inventing_statuses():
+    """A dead job-wide limiter is an infrastructure failure: fetch_record raises (Ray retries the shard) rather
+    than committing `http_error` rows that no server returned."""
+    from artsim.download.politeness import LimiterUnavailable
+
+    class DeadLimiter:
+        def acquire(self, host, deadline):
+            raise LimiterUnavailable("host limiter unavailable: ActorDiedError")
+
+        def get_robots(self, origin):
+            raise LimiterUnavailable("host limiter unavailable: ActorDiedError")
+
+        def put_robots(self, origin, value):
+            pass
+
+        def release(self, *args, **kwargs):
+            pass
+
+    fetcher = Fetcher(DownloadConfig(allow_hosts=["127.0.0.1"]), DeadLimiter(), seed=0)
+    record = {**empty_record(), "object_id": "t:1", "image_url": "http://127.0.0.1:9/a.jpg"}
+    with pytest.raises(LimiterUnavailable):
+        fetcher.fetch_record(record)

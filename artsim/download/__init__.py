@@ -63,8 +63,10 @@ def run_download(ctx, retry_failed: bool = False) -> dict:
         try:
             run_shards(cfg, plan.tasks, limiters, on_summary)
             for actor in limiters:
-                for host, state in ray.get(actor.snapshot.remote()).items():
-                    snapshot[host] = state
+                try:
+                    snapshot.update(ray.get(actor.snapshot.remote()))
+                except ray.exceptions.RayError as exc:  # the report is still written, without per-host state
+                    say(f"download: host limiter state lost ({type(exc).__name__}); report without it")
         finally:
             for actor in limiters:
                 ray.kill(actor)

@@ -20,7 +20,7 @@ from urllib.parse import urljoin, urlsplit
 
 from artsim.config import DownloadConfig, StorageConfig
 from artsim.download.politeness import (
-    agent_token, backoff_delay, parse_retry_after, robots_allows, x_robots_opt_out,
+    LimiterUnavailable, agent_token, backoff_delay, parse_retry_after, robots_allows, x_robots_opt_out,
 )
 from artsim.download.resize import ImageRejected, process_image
 from artsim.download.safety import Target, UnsafeURL, URLPolicy, open_connection
@@ -162,6 +162,8 @@ class Fetcher:
         object_id = record.get("object_id")
         try:
             return self._fetch_record(record)
+        except LimiterUnavailable:
+            raise  # the job's infrastructure failed, not this record: fail the shard, commit nothing
         except Exception as exc:  # a bug must not take the whole shard down; the record says what happened
             return FetchResult(object_id, "http_error", error=f"internal error: {type(exc).__name__}: {exc}",
                                host=host_of(record.get("image_url")))

@@ -25,6 +25,11 @@ from typing import Optional
 BREAKER_OUTCOMES = frozenset({"timeout", "connection", "server_error", "throttled"})
 
 
+class LimiterUnavailable(RuntimeError):
+    """The job-wide limiter cannot be reached. Not a property of any record: the shard fails (and Ray retries it)
+    rather than committing statuses that no server returned."""
+
+
 @dataclass
 class HostState:
     active: int = 0

@@ -16,7 +16,7 @@ import time
 from typing import Optional
 
 from artsim.config import Config
-from artsim.download.politeness import HostBook
+from artsim.download.politeness import HostBook, LimiterUnavailable
 
 
 class HostLimiterActorImpl:
@@ -72,10 +72,17 @@ class RayLimiterClient:
         return self.actors[int.from_bytes(digest, "big") % len(self.actors)]
 
     def acquire(self, host: str, deadline: float):
+        wait_limit = max(0.0, deadline - time.monotonic())  # relative: clocks differ between nodes
+        return self._get(self._actor(host).acquire.remote(host, wait_limit))
+
+    @staticmethod
+    def _get(ref):
         import ray
 
-        wait_limit = max(0.0, deadline - time.monotonic())  # relative: clocks differ between nodes
-        return ray.get(self._actor(host).acquire.remote(host, wait_limit))
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayError as exc:
+            raise LimiterUnavailable(f"host limiter unavailable: {type(exc).__name__}") from exc
 
     def release(self, host: str, lease: int, outcome: str, pause_s: float = 0.0) -> None:
         # Fire and forget: calls from one process to one actor arrive in order, and a late release only makes
@@ -83,9 +90,7 @@ class RayLimiterClient:
         self._actor(host).release.remote(host, lease, outcome, pause_s)
 
     def get_robots(self, origin: str):
-        import ray
-
-        return ray.get(self._actor(origin).get_robots.remote(origin))
+        return self._get(self._actor(origin).get_robots.remote(origin))
 
     def put_robots(self, origin: str, value) -> None:
         self._actor(origin).put_robots.remote(origin, value)
@@ -117,8 +122,14 @@ class ShardWorker:
 def start_limiters(config: Config) -> list:
     import ray
 
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     d = config.download
-    actor_cls = ray.remote(num_cpus=0, max_concurrency=10_000)(HostLimiterActorImpl)
+    # Pinned to the driver's node: losing that node ends the job anyway, so the limiter adds no single point of
+    # failure of its own (on any other node, losing it would stall every worker). No restarts: a restarted
+    # limiter would forget the leases it handed out and could briefly exceed the per-host caps.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    actor_cls = ray.remote(num_cpus=0, max_concurrency=10_000, scheduling_strategy=here)(HostLimiterActorImpl)
     lease_s = (d.timeout_s + 5.0) * 2  # a lease outlives any request; a dead worker's slot returns after this
     return [actor_cls.remote(d.per_host_connections, d.per_host_requests_per_second, d.circuit_breaker_failures,
                              d.circuit_breaker_cooldown_s, lease_s)
