@@ -117,7 +117,8 @@ def main() -> int:
         rows = build_images(ctx, args.images)
         print(f"bench_embed: {args.model} random init, {args.image_size} px, {args.images} images, batch "
               f"{args.batch_size}, {threads} torch threads, {cores} cores, load average {os.getloadavg()[0]:.2f}")
-        ray.init(num_cpus=args.num_cpus or cores, include_dashboard=False, log_to_driver=True)
+        # address="local": a fresh Ray of our own, even when another Ray runs on this machine
+        ray.init(address="local", num_cpus=args.num_cpus or cores, include_dashboard=False, log_to_driver=True)
         ray.data.DataContext.get_current().enable_progress_bars = False
         # Alternate the two so that load from other jobs on a shared machine hits both alike; report medians.
         plains, pipes = [], []

@@ -18,6 +18,7 @@ from typing import Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -240,8 +241,8 @@ def run_embed(ctx, **_options) -> dict:
     model_info = model_description(key, spec, weights_id, cfg.weights, cfg.seed) | {
         "dtype": cfg.dtype, "precision": cfg.precision if cfg.num_gpus else "fp32"}
 
-    statuses = storage.read_table(images_uri, columns=["status"]).column("status").to_pylist()
-    n_input, n_ok = len(statuses), sum(1 for s in statuses if s == "ok")
+    statuses = storage.read_table(images_uri, columns=["status"]).column("status")  # one small column
+    n_input, n_ok = len(statuses), int(pc.sum(pc.equal(statuses, "ok")).as_py() or 0)
     say(f"embed: {n_ok} ok images of {n_input} records -> {out_uri} ({key}, {spec.output_dim}-d {cfg.dtype}, "
         f"weights {model_info['weights_id']})")
 
