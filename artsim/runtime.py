@@ -42,7 +42,8 @@ def ensure_ray(config: Config) -> None:
     if config.ray.address:
         ray.init(address=config.ray.address, runtime_env={"env_vars": env} if env else None, **kwargs)
     else:
-        ray.init(num_cpus=config.ray.num_cpus, **kwargs)
+        # address="local": always start our own Ray, never attach to another process's Ray on this machine.
+        ray.init(address="local", num_cpus=config.ray.num_cpus, **kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = os.environ.get("ARTSIM_RAY_PROGRESS", "0") == "1"
     ctx.print_on_execution_start = False
