@@ -224,6 +224,9 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept under models/<name>/
     embeddings: Optional[str] = None  # head mode: embeddings/<key>/; null: the embed section's model key
     steps_per_epoch: Optional[int] = None  # batches per worker and epoch; null: one pass over the triplets
+    # head mode: also apply the trained head to every cached embedding and write embeddings/<backbone>-<name>/,
+    # exactly what `embed` with embed.weights=<export> would write, without running the backbone again
+    project_embeddings: bool = True
 
     def check(self):
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:

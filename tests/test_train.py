@@ -212,6 +212,28 @@ def test_training_learns_the_hidden_factor(head_run):
     assert s["val_recall@10"] > s["val_recall@10_untrained"] + 0.3
 
 
+def test_head_mode_projects_the_collection_like_embed_with_the_export(head_run):
+    """train (head mode) writes embeddings/<model_key of the export>/: what `embed` with embed.weights=<export>
+    would write -- same directory name, weights_id and vectors (checked against the export's own head)."""
+    from artsim.embed.artifact import build_embedder, model_key
+    from artsim.similarity.mine import load_embedding_matrix
+
+    ctx, records, vectors = head_run["ctx"], head_run["records"], head_run["vectors"]
+    export = ctx.paths.model_export("similarity")
+    embed_cfg = config_from_dict({"embed": {"model": "resnet18", "weights": export}}).embed
+    key = model_key(embed_cfg)
+    assert key == "resnet18-similarity"
+    assert head_run["summary"]["projected_embeddings"] == ctx.paths.embeddings(key)
+    ids, projected = load_embedding_matrix(ctx.storage, ctx.paths.embeddings(key))
+    assert ids == [r["object_id"] for r in records] and projected.shape == (len(records), 64)
+    embedder = build_embedder(embed_cfg, ctx.storage)
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(embedder.head(torch.from_numpy(vectors)), dim=1).numpy()
+    np.testing.assert_allclose(projected, expected, atol=1e-5)
+    info = json.loads(ctx.storage.read_text(f"{ctx.paths.embeddings(key)}/_model.json"))
+    assert info["weights_id"] == embedder.weights_id and info["weights"] == export and info["output_dim"] == 64
+
+
 def test_resubmitting_the_same_run_name_resumes(head_run):
     from artsim.similarity.train import run_train
 

@@ -189,6 +189,9 @@ def run_train(ctx, **_options) -> dict:
     export_uri = ctx.paths.model_export(cfg.name)
     weights_id = save_artifact(ctx.storage, export_uri, export_spec,
                                backbone_state=backbone_state if finetuned else None, head_state=head_state)
+    projected = None
+    if cfg.mode == "head" and cfg.project_embeddings:
+        projected = write_projected_embeddings(ctx, export_uri, source)
     k = cfg.recall_k
     before = history[0].get(f"val_recall@{k}")
     after = history[-1].get(f"val_recall@{k}")
@@ -199,7 +202,7 @@ def run_train(ctx, **_options) -> dict:
         "restarts": len(state["sessions"]) - 1, "data": data.stats,
         f"val_recall@{k}_untrained": before, f"val_recall@{k}": after,
         "epoch_seconds_mean": epoch_seconds, "export": export_uri, "weights_id": weights_id,
-        "history": history,
+        "projected_embeddings": projected, "history": history,
     }
     ctx.storage.write_json(join(model_uri, "history.json"), summary)
     ctx.storage.write_bytes(join(model_uri, "recall.png"),
@@ -214,6 +217,42 @@ def run_train(ctx, **_options) -> dict:
         f"{_fmt(after)}; exported to {export_uri} (use embed.weights: {export_uri}, embed.model: {spec.backbone}); "
         f"plot {join(model_uri, 'recall.png')}")
     return {k_: v for k_, v in summary.items() if k_ != "history"}
+
+
+def write_projected_embeddings(ctx, export_uri: str, source_uri: str, batch_rows: int = 65_536) -> str:
+    """Head mode: apply the exported head to every cached backbone embedding of the collection and write them as
+    embeddings/<model_key>/ for ``embed.weights: <export>`` -- the same vectors the embed stage would compute
+    with that artifact (the head is bias-free, so it commutes with the L2 normalisation of the cached vectors),
+    at the cost of a matrix product instead of a second pass of the backbone over every image."""
+    import torch
+
+    from artsim.embed.artifact import build_head, load_artifact, model_description, model_key
+    from artsim.embed.ray_embed import EmbeddingWriter
+    from artsim.similarity.mine import load_embedding_matrix
+
+    embed_cfg = dataclasses.replace(ctx.config.embed, weights=export_uri)
+    spec, _, head_state, weights_id = load_artifact(ctx.storage, export_uri)
+    head = build_head(spec.head)
+    head.load_state_dict(head_state, strict=True)
+    head.eval()
+    key = model_key(embed_cfg)
+    out_uri = ctx.paths.embeddings(key)
+    ids, matrix = load_embedding_matrix(ctx.storage, source_uri)
+    with ctx.storage.atomic_dir(out_uri) as staging:
+        writer = EmbeddingWriter(ctx.storage, staging, key, spec.output_dim, embed_cfg.dtype)
+        with torch.no_grad():
+            for start in range(0, len(ids), batch_rows):
+                vectors = head(torch.from_numpy(np.ascontiguousarray(matrix[start:start + batch_rows])))
+                vectors = torch.nn.functional.normalize(vectors, dim=1).numpy()
+                part = ids[start:start + batch_rows]
+                writer.add(part, vectors, [None] * len(part))
+        writer.close()
+        ctx.storage.write_json(join(staging, "_model.json"),
+                               model_description(key, spec, weights_id, export_uri, embed_cfg.seed)
+                               | {"dtype": embed_cfg.dtype, "precision": "fp32", "projected_from": source_uri})
+    say(f"train: projected {writer.written} cached embeddings through the head -> {out_uri} "
+        f"(index them with index.embeddings: {key})")
+    return out_uri
 
 
 def _fmt(value, digits: int = 4) -> str:
