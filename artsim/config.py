@@ -227,6 +227,9 @@ class TrainConfig:
     # head mode: also apply the trained head to every cached embedding and write embeddings/<backbone>-<name>/,
     # exactly what `embed` with embed.weights=<export> would write, without running the backbone again
     project_embeddings: bool = True
+    # head mode: the head subtracts the mean feature of the collection first (kept in the export); helps most
+    # where backbone features share a large common component (random-init backbones)
+    center_features: bool = True
 
     def check(self):
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:

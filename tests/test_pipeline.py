@@ -1,5 +1,6 @@
-"""End to end on the embedded Met sample: ingest → download → embed → index → links → report on a real local Ray,
-with the images served from a loopback HTTP server; once on local disk and once with the run directory on S3."""
+"""End to end on the embedded Met sample: ingest → download → embed → mine → train → index → links → report on a
+real local Ray, with the images served from a loopback HTTP server; once on local disk and once with the run
+directory on S3."""
 import json
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from conftest import REPO
 
 def _ctx(root, image_base, extra=()):
     overrides = [f"run.root={root}", "embed.model=resnet18", "embed.batch_size=16",
+                 "index.embeddings=resnet18-similarity", "train.epochs=2",
                  f"sources.0.image_url_template={image_base}/met_{{local_id}}.jpg",
                  f"sources.1.image_url_template={image_base}/met_{{local_id}}.jpg", *extra]
     return RunContext(load_config(REPO / "configs" / "demo.yaml", overrides))
@@ -30,7 +32,8 @@ def _check_run(ctx, result):
     assert images.column("status").to_pylist().count("ok") == 80
     index_uri = result["stages"]["index"]["index_uri"]
     manifest = json.loads(storage.read_text(index_uri.rstrip("/") + "/manifest.json"))
-    assert manifest["ntotal"] == 80 and manifest["dim"] == 512
+    # the index holds the trained model's vectors (train, head mode, projected the collection)
+    assert manifest["ntotal"] == 80 and manifest["dim"] == ctx.config.train.head_dim
     links = storage.read_table(result["stages"]["links"].get("links_uri") or paths.links(index_uri.rstrip("/").rsplit("/", 1)[-1]))
     # every object is linked to k works of the *other* collection
     assert links.num_rows == 80 * ctx.config.links.k

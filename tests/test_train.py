@@ -109,9 +109,26 @@ def test_bias_free_heads_do_not_care_about_input_scale():
     # The embed stage feeds raw backbone features to the head; training used L2-normalised ones.
     torch.manual_seed(0)
     for hidden in ([], [32]):
-        model = HeadModel(head_description(16, 8, hidden))
-        x = torch.randn(5, 16) * 7.3
-        torch.testing.assert_close(model(x), model(x / x.norm(dim=1, keepdim=True)))
+        for center in (False, True):
+            model = HeadModel(head_description(16, 8, hidden, center=center))
+            if center:
+                model.head.mean.copy_(torch.randn(16) * 0.1)
+            x = torch.randn(5, 16) * 7.3
+            torch.testing.assert_close(model(x), model(x / x.norm(dim=1, keepdim=True)))
+
+
+def test_centered_head_removes_the_common_component():
+    """Features that share a large common component (cosine ~0.99) are spread out once the mean is removed."""
+    torch.manual_seed(0)
+    common = torch.randn(64)
+    x = torch.nn.functional.normalize(common + 0.1 * torch.randn(50, 64), dim=1)
+    model = HeadModel(head_description(64, 64, [], center=True))
+    torch.nn.init.eye_(model.head.layers[0].weight)
+    before = (x @ x.T)[~torch.eye(50, dtype=bool)].mean()
+    model.head.mean.copy_(x.mean(dim=0))
+    y = model(x)
+    after = (y @ y.T)[~torch.eye(50, dtype=bool)].mean()
+    assert before > 0.95 and abs(after) < 0.1, (before, after)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -15,10 +15,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def head_description(in_dim: int, out_dim: int, hidden_dims: list[int]) -> dict:
+def head_description(in_dim: int, out_dim: int, hidden_dims: list[int], center: bool = False) -> dict:
+    head = {"type": "linear", "in_dim": in_dim, "out_dim": out_dim, "bias": False}
     if hidden_dims:
-        return {"type": "mlp", "in_dim": in_dim, "hidden_dims": list(hidden_dims), "out_dim": out_dim, "bias": False}
-    return {"type": "linear", "in_dim": in_dim, "out_dim": out_dim, "bias": False}
+        head = {"type": "mlp", "in_dim": in_dim, "hidden_dims": list(hidden_dims), "out_dim": out_dim, "bias": False}
+    if center:
+        head["center"] = True
+    return head
 
 
 class HeadModel(nn.Module):

@@ -59,6 +59,9 @@ def _build_model(config: dict, payload: dict):
             # The features are a read-only view of the object store (shared, not copied); nothing writes to them.
             warnings.simplefilter("ignore", UserWarning)
             features = torch.from_numpy(payload["features"])
+        if config["head"].get("center"):
+            # The mean of the (normalised) training features; a buffer, so checkpoints and the export carry it.
+            model.head.mean.copy_(torch.nn.functional.normalize(features.float(), dim=1).mean(dim=0))
 
         def encode(objects: np.ndarray, training: bool, module=None):
             return (module or model)(features[torch.from_numpy(objects)])

@@ -149,7 +149,7 @@ def run_train(ctx, **_options) -> dict:
     else:
         in_dim = spec.feature_dim if spec.head is None else spec.head["in_dim"]
     head = spec.head if (cfg.mode == "finetune" and spec.head is not None) else \
-        head_description(in_dim, cfg.head_dim, cfg.head_hidden_dims)
+        head_description(in_dim, cfg.head_dim, cfg.head_hidden_dims, center=cfg.mode == "head" and cfg.center_features)
     say(f"train: mode {cfg.mode}, {data.stats['train_triplets']} training / {data.stats['validation_triplets']} "
         f"validation triplets over {data.n_objects} objects ({data.stats['unavailable']} triplets lack "
         f"{'embeddings' if cfg.mode == 'head' else 'images'}; inputs from {source})")
