@@ -47,6 +47,7 @@ class RayConfig:
 
 @dataclass
 class SourceConfig:
+    # the parser: table, met_api_json, met_csv, smk_json, europeana_json or iiif_manifest
     kind: Literal["table", "met_api_json", "met_csv", "smk_json", "europeana_json", "iiif_manifest"]
     path: str  # URI of the source file, or of a directory / glob of such files
     collection: str  # prefix of object_id
@@ -65,6 +66,7 @@ class SourceConfig:
 @dataclass
 class DownloadConfig:
     image_size: int = 384  # longest side after resize
+    # turn the private/loopback/link-local address block off (trusted mirrors only)
     allow_private_addresses: bool = False
     allow_hosts: list[str] = field(default_factory=list)  # hosts/IPs exempt from the private-address block
     per_host_connections: int = 4  # concurrent connections per host, across the whole job
@@ -72,16 +74,17 @@ class DownloadConfig:
     timeout_s: float = 20.0  # per request (connect + read)
     max_bytes: int = 50_000_000  # per response body
     max_pixels: int = 100_000_000  # decoded pixels (decompression bombs)
-    max_redirects: int = 5
+    max_redirects: int = 5  # every hop is checked again before connecting
     retries: int = 3  # for retryable failures (5xx, 429, timeouts, connection errors)
-    backoff_base_s: float = 0.5
-    backoff_max_s: float = 60.0
+    backoff_base_s: float = 0.5  # exponential backoff with full jitter: base
+    backoff_max_s: float = 60.0  # backoff cap; a longer Retry-After ends the record as http_error
     circuit_breaker_failures: int = 20  # consecutive failures that pause a host
+    # put your contact here; its product token is what robots.txt rules match
     user_agent: str = "artsim/0.1 (+https://github.com/artsim/artsim; artsim@example.org)"
-    format: Literal["jpeg", "webp"] = "jpeg"
-    quality: int = 90
-    respect_robots_txt: bool = True
-    respect_x_robots_tag: bool = True
+    format: Literal["jpeg", "webp"] = "jpeg"  # re-encoding of stored images
+    quality: int = 90  # re-encoding quality (1-100)
+    respect_robots_txt: bool = True  # robots.txt per origin, fetched once per job
+    respect_x_robots_tag: bool = True  # X-Robots-Tag noai/noimageai/noml/noindex/none -> status opted_out
     allowed_licenses: list[str] = field(default_factory=list)  # empty: every licence
     allow_local_files: bool = False  # file:// and s3:// image URLs
     shard_size: int = 1000  # records per output shard
@@ -165,12 +168,12 @@ class EmbedConfig:
 
 @dataclass
 class MineConfig:
-    num_triplets: int = 10_000
+    num_triplets: int = 10_000  # triplets wanted (LiviaAI: at least 10,000)
     # strategy name -> weight; see artsim/similarity/strategies.py (STRATEGIES) for the list
     strategies: dict[str, float] = field(default_factory=lambda: {"shared_terms": 1.0, "text": 1.0})
     same_collection: bool = False  # anchor, positive and negative all from one collection
     annotations: Optional[str] = None  # CSV of curator annotations: anchor, similar[, dissimilar]
-    seed: int = 0
+    seed: int = 0  # mining is deterministic in the seed
     # shared_terms / hard_negatives: which record fields count as controlled terms
     term_fields: list[str] = field(default_factory=lambda: ["subjects", "concepts", "object_type", "medium"])
     text_neighbors: int = 10  # text: positives come from this many nearest texts ...
@@ -204,21 +207,22 @@ class MineConfig:
 
 @dataclass
 class TrainConfig:
-    name: str = "similarity"
+    name: str = "similarity"  # models/<name>/; submitting again with the same name resumes
+    # head: projection head over cached embeddings; finetune: backbone + head on images
     mode: Literal["head", "finetune"] = "head"
-    num_workers: int = 2
-    use_gpu: bool = False
-    epochs: int = 5
-    batch_size: int = 64
-    learning_rate: float = 1e-3
-    margin: float = 0.2
-    mining: Literal["none", "batch_hard", "semi_hard"] = "none"
-    head_dim: int = 256
-    validation_fraction: float = 0.2
-    seed: int = 0
+    num_workers: int = 2  # Ray Train workers (DDP: gloo on CPU, nccl on GPU)
+    use_gpu: bool = False  # one GPU per worker
+    epochs: int = 5  # total epochs (raise it and resubmit to train further)
+    batch_size: int = 64  # triplets per batch and worker
+    learning_rate: float = 1e-3  # Adam learning rate of the head
+    margin: float = 0.2  # triplet margin on cosine distance
+    mining: Literal["none", "batch_hard", "semi_hard"] = "none"  # in-batch negative mining
+    head_dim: int = 256  # output dimension of the projection head
+    validation_fraction: float = 0.2  # share of objects held out for validation recall@k
+    seed: int = 0  # initial weights, batches and the held-out split
     head_hidden_dims: list[int] = field(default_factory=list)  # [] = linear head; e.g. [512] = one hidden layer
     backbone_learning_rate: Optional[float] = None  # finetune: null = learning_rate / 10
-    cpus_per_worker: int = 1
+    cpus_per_worker: int = 1  # CPUs (and torch threads) per Train worker
     recall_k: int = 10  # validation recall@k on held-out objects every epoch
     max_failures: int = 3  # worker failures to recover from (restart from the last checkpoint)
     keep_checkpoints: int = 2  # newest checkpoints kept under models/<name>/
@@ -266,17 +270,18 @@ class TrainConfig:
 class IndexConfig:
     name: Optional[str] = None  # index/<name>/; default: the embedding model key
     embeddings: Optional[str] = None  # embeddings/<key>/ to index; default: the key of the embed section's model
+    # columns of records/ that where-filters can use
     facets: list[str] = field(default_factory=lambda: ["collection", "creator", "culture", "object_type"])
     factory: Optional[str] = None  # FAISS factory string; null chooses from N, dimension and memory budget
-    num_shards: int = 1
-    memory_budget_gb: float = 4.0
-    target_recall: float = 0.95
+    num_shards: int = 1  # shards, built by parallel Ray tasks and searched in parallel
+    memory_budget_gb: float = 4.0  # memory the index may take; picks exact, IVF-SQ8 or IVF-PQ
+    target_recall: float = 0.95  # recall@10 vs exact search that tuning must reach
     # Extra ids.parquet columns from records/ (shown with hits, usable in `where` like facets).
     metadata: list[str] = field(default_factory=lambda: ["title", "license", "date_begin", "date_end"])
     exact_max_vectors: int = 1_000_000  # up to this N (and within memory_budget_gb) the index is exact (Flat)
     train_sample: int = 200_000  # vectors the IVF / PQ training sees (at least 40 per IVF list are used)
     tuning_queries: int = 1000  # held-out queries for recall@10 tuning
-    seed: int = 0
+    seed: int = 0  # training sample and tuning queries
 
     def check(self):
         if self.num_shards < 1:
@@ -293,8 +298,8 @@ class IndexConfig:
 
 @dataclass
 class LinksConfig:
-    k: int = 10
-    include_own_collection: bool = False
+    k: int = 10  # neighbours per work and target collection
+    include_own_collection: bool = False  # also link within a work's own collection (never to itself)
     name: Optional[str] = None  # index/<name>/ to read and links/<name>/ to write; default: as the index stage
     batch_size: int = 1024  # queries per batched search
     num_tasks: Optional[int] = None  # parallel Ray tasks; null: one per available CPU (at most one per batch)
@@ -323,6 +328,7 @@ class ReportConfig:
 
 @dataclass
 class PipelineConfig:
+    # what `artsim pipeline` runs, in order
     stages: list[str] = field(default_factory=lambda: ["ingest", "download", "embed", "index", "links", "report"])
 
     def check(self):
