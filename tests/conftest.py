@@ -13,7 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 MET_SAMPLE = REPO / "data" / "met_sample"
-SHARED_DATA = REPO.parent / "shared" / "data"  # the real museum data beside the checkout, when present
+DATA = REPO / "data"  # real museum data shipped with the repo (data/README.md gives provenance)
 
 # Fake credentials for moto, set before Ray starts so that every Ray worker inherits them.
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")

@@ -11,9 +11,9 @@ from artsim.curate.html import vocabulary_html
 from artsim.curate.vocabulary import normalize_uri
 from artsim.errors import ArtsimError
 from artsim.synthetic import SyntheticSpec, _creator_index, synthetic_records
-from conftest import MET_SAMPLE, SHARED_DATA
+from conftest import DATA, MET_SAMPLE
 
-EVAL_CSV = SHARED_DATA / "formats" / "europeana" / "eval_dataset.csv"
+EVAL_CSV = DATA / "formats" / "europeana" / "eval_dataset.csv"
 # Met classification -> Europeana category, for the classes the Met sample has (Metal / Costume are ambiguous)
 MET_TO_EUROPEANA = {"Paintings": "painting", "Sculpture": "sculpture", "Ceramics": "ceramics", "Clay": "ceramics",
                     "Photographs": "photograph"}
@@ -49,7 +49,6 @@ def test_known_concepts_matches_any_alias_spelling(vocabulary):
     assert normalize_uri(" https://dbpedia.org/page/Map/ ") == "http://dbpedia.org/resource/Map"
 
 
-@pytest.mark.skipif(not EVAL_CSV.exists(), reason="shared Europeana data not present")
 def test_text_signal_on_europeana_crowd_labels(vocabulary, encoder):
     # eval_dataset.csv: real crowd annotations, a category plus a free-text note ("hat", "sword", "sketch")
     records, labels = [], {}

@@ -21,10 +21,9 @@ from artsim.storage import Storage
 
 REPO = Path(__file__).resolve().parent.parent
 MET_SAMPLE = REPO / "data" / "met_sample"
-FORMATS = REPO.parent / "shared" / "data" / "formats"
+FORMATS = REPO / "data" / "formats"  # real files shipped with the repo (data/README.md)
 FIXTURES = REPO / "tests" / "fixtures" / "ingest"
 
-needs_shared = pytest.mark.skipif(not FORMATS.is_dir(), reason="real format files in /work/shared/data not present")
 
 
 def _read(kind: str, path, collection: str = "c", **options) -> tuple[dict[str, dict], list[BadRow]]:
@@ -123,7 +122,6 @@ def test_met_csv_image_url_template_points_at_a_mirror():
 # -- SMK ---------------------------------------------------------------------------------------------------------
 
 
-@needs_shared
 def test_smk_real_search_response_and_object():
     records, bad = _read("smk_json", FORMATS / "smk" / "smk_search_response.json", "smk")
     assert len(records) == 10 and bad == []
@@ -177,7 +175,6 @@ def test_europeana_fixture():
     assert records["91668/GSM_objekt_1252515"]["image_url"] is None
 
 
-@needs_shared
 def test_europeana_ids_match_the_real_harvest():
     import csv
 
@@ -266,7 +263,6 @@ def test_table_met_2013_scrape_csv():
     assert records["16858"]["date_begin"] == 1840  # "ca. 1840"
 
 
-@needs_shared
 def test_table_mosaic_csv():
     records, _ = _read("table", FORMATS / "mosaic" / "metadata_smol.csv", "mosaic",
                        mapping={"title": "Title", "creator": "Artist", "image_url": "Image_Url",
@@ -279,7 +275,6 @@ def test_table_mosaic_csv():
     assert records["26196"]["creator"] is None  # empty cell
 
 
-@needs_shared
 def test_table_wienmuseum_gzip_csv():
     records, bad = _read("table", FORMATS / "wienmuseum" / "wm_1000_samples.csv.gz", "wien",
                          mapping={"creator": "artistsProducers", "date": "dates", "image_url": "multimedia_default",
