@@ -70,6 +70,47 @@ def start_server(work: Path, originals: list[Path], n: int, latency: float):
     return proc, int(port_file.read_text())
 
 
+def process_tree_cpu(root_pid: int, exclude: set[int]) -> dict[str, float]:
+    """CPU seconds (user+system) of the live processes under ``root_pid``, by command name (Linux /proc).
+
+    Ray's daemons and workers are descendants of the driver, so this is what the whole artsim job costs, split into
+    driver / fetch workers / limiter / Ray daemons. Processes that already exited are not counted.
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    children: dict[int, list[int]] = {}
+    stats: dict[int, tuple[str, float]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            raw = Path(f"/proc/{entry}/stat").read_text()
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = raw[raw.rindex(")") + 2:].split()
+        ppid, utime, stime = int(fields[1]), int(fields[11]), int(fields[12])
+        children.setdefault(ppid, []).append(int(entry))
+        stats[int(entry)] = (cmd, (utime + stime) / tick)
+    out: dict[str, float] = {}
+    stack = [root_pid]
+    while stack:
+        pid = stack.pop()
+        stack.extend(children.get(pid, []))
+        if pid in exclude or pid not in stats:
+            continue
+        cmd, cpu = stats[pid]
+        if pid == root_pid:
+            name = "driver"
+        elif "ShardWorker" in cmd:
+            name = "fetch workers"
+        elif "HostLimiter" in cmd:
+            name = "limiter actor"
+        else:
+            name = "ray daemons/idle workers"
+        out[name] = out.get(name, 0.0) + cpu
+    return out
+
+
 def run_img2dataset(work: Path, urls: list[str], processes: int) -> dict:
     if not IMG2DATASET.exists():
         return {"error": f"{IMG2DATASET} missing (see module doc to create it)"}
@@ -82,18 +123,22 @@ def run_img2dataset(work: Path, urls: list[str], processes: int) -> dict:
            "--output_format", "parquet", "--encode_quality", "90", "--number_sample_per_shard", "250",
            "--timeout", "20", "--retries", "0", "--enable_wandb", "False", "--distributor", "multiprocessing"]
     t0 = time.perf_counter()
+    cpu0 = os.times()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     elapsed = time.perf_counter() - t0
+    cpu1 = os.times()
+    cpu_s = (cpu1.children_user - cpu0.children_user) + (cpu1.children_system - cpu0.children_system)
     ok = 0
     for stats in glob.glob(str(out / "*_stats.json")):
         ok += json.loads(Path(stats).read_text()).get("successes", 0)
-    result = {"seconds": elapsed, "ok": ok, "images_per_s": ok / elapsed, "returncode": proc.returncode}
+    result = {"seconds": elapsed, "ok": ok, "images_per_s": ok / elapsed, "returncode": proc.returncode,
+              "cpu_ms_per_image": 1000 * cpu_s / max(ok, 1)}
     if proc.returncode != 0:
         result["stderr_tail"] = proc.stderr[-2000:]
     return result
 
 
-def run_artsim(work: Path, urls: list[str], args) -> dict:
+def run_artsim(work: Path, urls: list[str], args, server_pid: int) -> dict:
     import ray
 
     from artsim.config import config_from_dict
@@ -116,17 +161,22 @@ def run_artsim(work: Path, urls: list[str], args) -> dict:
     ctx = RunContext(config_from_dict(tree))
     ctx.storage.write_table(records_table(rows), ctx.paths.records)
     t0 = time.perf_counter()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    # address="local": always a fresh Ray of our own, never another session's cluster on this machine.
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     ray_start = time.perf_counter() - t0
+    cpu_before = process_tree_cpu(os.getpid(), {server_pid})
     t1 = time.perf_counter()
     report = run_download(ctx)
     elapsed = time.perf_counter() - t1
+    cpu_after = process_tree_cpu(os.getpid(), {server_pid})
     ok = report["by_status"].get("ok", 0)
     ray.shutdown()
+    cpu_ms = {k: round(1000 * (v - cpu_before.get(k, 0.0)) / max(ok, 1), 2) for k, v in cpu_after.items()}
     return {"seconds": elapsed, "ray_init_seconds": ray_start, "ok": ok, "images_per_s": ok / elapsed,
             "images_per_s_incl_ray_init": ok / (elapsed + ray_start), "by_status": report["by_status"],
-            "max_concurrent_per_host": report["max_concurrent_connections_per_host"]}
+            "max_concurrent_per_host": report["max_concurrent_connections_per_host"],
+            "cpu_ms_per_image": round(sum(cpu_ms.values()), 2), "cpu_ms_per_image_by_process": cpu_ms}
 
 
 def main() -> int:
@@ -152,22 +202,25 @@ def main() -> int:
     results = {"n": args.n, "latency_s": args.latency, "original_px": args.size, "original_mean_kb": mean_kb,
                "cpus": os.cpu_count(), "load_average_before": os.getloadavg()}
     try:
-        results["artsim"] = run_artsim(work, urls, args)
+        results["artsim"] = run_artsim(work, urls, args, server.pid)
         if not args.skip_img2dataset:
             results["img2dataset"] = run_img2dataset(work, urls, os.cpu_count() or 1)
     finally:
         server.terminate()
         server.wait()
     results["load_average_after"] = os.getloadavg()
+    print(f"load average before {results['load_average_before']}, after {results['load_average_after']}")
     a = results["artsim"]
     print(f"\nartsim:      {a['ok']}/{args.n} ok in {a['seconds']:.1f}s = {a['images_per_s']:.1f} images/s "
-          f"(+{a['ray_init_seconds']:.1f}s ray.init: {a['images_per_s_incl_ray_init']:.1f} images/s)")
+          f"(+{a['ray_init_seconds']:.1f}s ray.init: {a['images_per_s_incl_ray_init']:.1f} images/s); "
+          f"CPU {a['cpu_ms_per_image']:.1f} ms/image {a['cpu_ms_per_image_by_process']}")
     if "img2dataset" in results:
         b = results["img2dataset"]
         if "error" in b or not b.get("ok"):
             print(f"img2dataset: failed: {b}")
         else:
-            print(f"img2dataset: {b['ok']}/{args.n} ok in {b['seconds']:.1f}s = {b['images_per_s']:.1f} images/s")
+            print(f"img2dataset: {b['ok']}/{args.n} ok in {b['seconds']:.1f}s = {b['images_per_s']:.1f} images/s; "
+                  f"CPU {b['cpu_ms_per_image']:.1f} ms/image")
             results["ratio"] = a["images_per_s"] / b["images_per_s"]
             results["ratio_incl_ray_init"] = a["images_per_s_incl_ray_init"] / b["images_per_s"]
             print(f"ratio artsim / img2dataset: {results['ratio']:.2f}x "
