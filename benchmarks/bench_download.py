@@ -70,11 +70,11 @@ def start_server(work: Path, originals: list[Path], n: int, latency: float):
     return proc, int(port_file.read_text())
 
 
-def process_tree_cpu(root_pid: int, exclude: set[int]) -> dict[str, float]:
-    """CPU seconds (user+system) of the live processes under ``root_pid``, by command name (Linux /proc).
+def process_tree_cpu(root_pid: int, exclude: set[int]) -> dict[int, tuple[str, float]]:
+    """{pid: (kind, CPU seconds user+system)} of the live processes under ``root_pid`` (Linux /proc).
 
-    Ray's daemons and workers are descendants of the driver, so this is what the whole artsim job costs, split into
-    driver / fetch workers / limiter / Ray daemons. Processes that already exited are not counted.
+    Ray's daemons and workers are descendants of the driver, so this covers the whole artsim job, by kind: driver /
+    fetch workers / Ray daemons and other workers (limiter actor included).
     """
     tick = os.sysconf("SC_CLK_TCK")
     children: dict[int, list[int]] = {}
@@ -91,7 +91,7 @@ def process_tree_cpu(root_pid: int, exclude: set[int]) -> dict[str, float]:
         ppid, utime, stime = int(fields[1]), int(fields[11]), int(fields[12])
         children.setdefault(ppid, []).append(int(entry))
         stats[int(entry)] = (cmd, (utime + stime) / tick)
-    out: dict[str, float] = {}
+    out: dict[int, tuple[str, float]] = {}
     stack = [root_pid]
     while stack:
         pid = stack.pop()
@@ -99,16 +99,38 @@ def process_tree_cpu(root_pid: int, exclude: set[int]) -> dict[str, float]:
         if pid in exclude or pid not in stats:
             continue
         cmd, cpu = stats[pid]
-        if pid == root_pid:
-            name = "driver"
-        elif "ShardWorker" in cmd:
-            name = "fetch workers"
-        elif "HostLimiter" in cmd:
-            name = "limiter actor"
-        else:
-            name = "ray daemons/idle workers"
-        out[name] = out.get(name, 0.0) + cpu
+        kind = "driver" if pid == root_pid else "fetch workers" if "ShardWorker" in cmd else "ray daemons/other"
+        out[pid] = (kind, cpu)
     return out
+
+
+class CpuSampler:
+    """Samples the process tree every 0.25 s while a job runs: a Ray worker that exits before the job returns
+    (Ray Data releases its actor pool at the end) still counts, up to its last sample."""
+
+    def __init__(self, root_pid: int, exclude: set[int]):
+        import threading
+
+        self.root_pid, self.exclude = root_pid, exclude
+        self.first = process_tree_cpu(root_pid, exclude)
+        self.last = dict(self.first)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(0.25):
+            self.last.update(process_tree_cpu(self.root_pid, self.exclude))
+
+    def stop(self) -> dict[str, float]:
+        """CPU seconds used since start, by kind."""
+        self._stop.set()
+        self._thread.join()
+        self.last.update(process_tree_cpu(self.root_pid, self.exclude))
+        used: dict[str, float] = {}
+        for pid, (kind, cpu) in self.last.items():
+            used[kind] = used.get(kind, 0.0) + cpu - self.first.get(pid, (kind, 0.0))[1]
+        return used
 
 
 def run_img2dataset(work: Path, urls: list[str], processes: int) -> dict:
@@ -165,14 +187,14 @@ def run_artsim(work: Path, urls: list[str], args, server_pid: int) -> dict:
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     ray_start = time.perf_counter() - t0
-    cpu_before = process_tree_cpu(os.getpid(), {server_pid})
+    sampler = CpuSampler(os.getpid(), {server_pid})
     t1 = time.perf_counter()
     report = run_download(ctx)
     elapsed = time.perf_counter() - t1
-    cpu_after = process_tree_cpu(os.getpid(), {server_pid})
+    cpu_used = sampler.stop()
     ok = report["by_status"].get("ok", 0)
     ray.shutdown()
-    cpu_ms = {k: round(1000 * (v - cpu_before.get(k, 0.0)) / max(ok, 1), 2) for k, v in cpu_after.items()}
+    cpu_ms = {k: round(1000 * v / max(ok, 1), 2) for k, v in cpu_used.items()}
     return {"seconds": elapsed, "ray_init_seconds": ray_start, "ok": ok, "images_per_s": ok / elapsed,
             "images_per_s_incl_ray_init": ok / (elapsed + ray_start), "by_status": report["by_status"],
             "max_concurrent_per_host": report["max_concurrent_connections_per_host"],

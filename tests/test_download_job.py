@@ -199,3 +199,38 @@ def test_bad_config_exits_2_and_missing_records_is_a_clear_error(tmp_path):
     assert bad.returncode == 2 and "download.per_host_connections" in bad.stderr
     with pytest.raises(ArtsimError, match="records.*not found"):
         run_download(make_ctx(str(tmp_path / "run")))
+
+
+def test_deferred_releases_reach_the_limiter_and_failures_go_at_once(ray_session):
+    """The Ray limiter client defers successful releases (to ride along with the next acquire); they must still
+    reach the actor on their own within the delay, and failures (circuit breaker input) must not wait."""
+    import ray
+
+    from artsim.download.ray_job import RayLimiterClient, start_limiters
+
+    cfg = config_from_dict({"download": {"per_host_connections": 1, "per_host_requests_per_second": 1000,
+                                         "circuit_breaker_failures": 1}})
+    limiters = start_limiters(cfg)
+    try:
+        client = RayLimiterClient(limiters, release_delay_s=0.3)
+        other = RayLimiterClient(limiters, release_delay_s=0.3)
+        lease, _ = client.acquire("a.example", time.monotonic() + 5)
+        assert lease is not None
+        client.release("a.example", lease, "ok")
+        # Held for the delay (stricter, never looser), then the flusher returns the slot without another acquire.
+        assert other.acquire("a.example", time.monotonic() + 0.05) == (None, "queue_timeout")
+        t0 = time.monotonic()
+        lease2, _ = other.acquire("a.example", time.monotonic() + 5)
+        assert lease2 is not None and time.monotonic() - t0 < 1.0
+        # A deferred release rides along with the next acquire to the same actor: the slot is free at once.
+        other.release("a.example", lease2, "ok")
+        lease3, _ = other.acquire("a.example", time.monotonic() + 0.05)
+        assert lease3 is not None
+        # A failure is sent immediately: the breaker (1 failure) opens before any flush delay.
+        other.release("a.example", lease3, "server_error")
+        assert client.acquire("a.example", time.monotonic() + 0.05) == (None, "paused")
+        snap = ray.get(limiters[0].snapshot.remote())["a.example"]
+        assert snap["max_active"] == 1 and snap["times_paused"] == 1
+    finally:
+        for actor in limiters:
+            ray.kill(actor)
