@@ -91,6 +91,19 @@ class HostBook:
         state.next_slot = max(state.next_slot, now) + self.interval
         return lease, 0.0, None
 
+    def poll(self, host: str, now: float, give_up: float) -> tuple[Optional[int], Optional[str], float]:
+        """One step of a blocking acquire, shared by the thread and the async front ends:
+        (lease, None, 0) granted; (None, "paused" | "queue_timeout", 0) give up; (None, None, s) wait s seconds."""
+        lease, wait, reason = self.try_acquire(host, now)
+        if lease is not None:
+            return lease, None, 0.0
+        if reason == "paused":
+            return None, "paused", 0.0
+        remaining = give_up - now
+        if remaining <= 0:
+            return None, "queue_timeout", 0.0
+        return None, None, min(wait, remaining)
+
     def release(self, host: str, lease: int, outcome: str, now: float, pause_s: float = 0.0) -> None:
         """Return a slot. ``outcome``: ok, client_error, timeout, connection, server_error, throttled."""
         state = self._state(host)
@@ -127,15 +140,10 @@ class LocalHostLimiter:
         """Block until a slot is granted or ``deadline`` (monotonic) passes; (lease, None) or (None, reason)."""
         with self._lock:
             while True:
-                lease, wait, reason = self.book.try_acquire(host, time.monotonic())
-                if lease is not None:
-                    return lease, None
-                if reason == "paused":
-                    return None, "paused"
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return None, "queue_timeout"
-                self._lock.wait(min(wait, remaining))
+                lease, reason, wait = self.book.poll(host, time.monotonic(), deadline)
+                if not wait:
+                    return lease, reason
+                self._lock.wait(wait)
 
     def release(self, host: str, lease: int, outcome: str, pause_s: float = 0.0) -> None:
         with self._lock:

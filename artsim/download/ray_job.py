@@ -35,17 +35,12 @@ class HostLimiterActorImpl:
         self._apply(releases)
         give_up = time.monotonic() + wait_limit_s
         while True:
-            lease, wait, reason = self.book.try_acquire(host, time.monotonic())
-            if lease is not None:
-                return lease, None
-            if reason == "paused":
-                return None, "paused"
-            remaining = give_up - time.monotonic()
-            if remaining <= 0:
-                return None, "queue_timeout"
+            lease, reason, wait = self.book.poll(host, time.monotonic(), give_up)
+            if not wait:
+                return lease, reason
             event = self._changed.setdefault(host, asyncio.Event())
             try:
-                await asyncio.wait_for(event.wait(), timeout=min(wait, remaining))
+                await asyncio.wait_for(event.wait(), timeout=wait)
             except asyncio.TimeoutError:
                 pass
 
