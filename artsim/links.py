@@ -68,7 +68,8 @@ def pair_stats(links: pa.Table, collection_of: dict) -> dict:
     return dict(stats)
 
 
-def _links_name(ctx) -> str:
+def links_name(ctx) -> str:
+    """links/<name>/ for this config: links.name, else index.name, else the indexed embeddings' key."""
     if ctx.config.links.name:
         return ctx.config.links.name
     if ctx.config.index.name:
@@ -88,7 +89,7 @@ def run_links(ctx, **options) -> dict:
     cfg = ctx.config.links
     storage, paths = ctx.storage, ctx.paths
     started = time.perf_counter()
-    name = _links_name(ctx)
+    name = links_name(ctx)
     index_uri, out_uri = paths.index(name), paths.links(name)
     if not storage.exists(join(index_uri, "manifest.json")):
         raise ArtsimError(f"{index_uri}: no index to link from; run the index stage first")

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from artsim.config import ConfigError
 from artsim.console import say
 from artsim.curate.html import card as _card
 from artsim.storage import join
@@ -38,8 +39,8 @@ def run_report(ctx) -> dict:
 
     images_report = _read_json_or_none(storage, paths.images_report)
     ingest_report = _read_json_or_none(storage, paths.ingest_report)
-    embeddings_uri, vectors, vector_ids = _latest_embeddings(storage, paths)
-    links_uri, links = _latest_links(storage, paths)
+    embeddings_uri, vectors, vector_ids = _report_embeddings(ctx)
+    links_uri, links = _report_links(ctx)
 
     has_vectors = vectors is not None and len(vector_ids) >= 3
     sheet_ids = _sheet_objects(links, _MAX_SHEETS) if links is not None else []
@@ -124,18 +125,19 @@ def _read_json_or_none(storage, uri):
     return storage.read_json(uri) if storage.exists(uri) else None
 
 
-def _complete_children(storage, uri: str) -> list[str]:
-    return [join(uri, n) for n in storage.list(uri) if not n.startswith((".", "_"))
-            and storage.is_complete(join(uri, n))]
+def _report_embeddings(ctx):
+    """The embeddings the index stage uses (same rule: index.embeddings, else embed's model key, else the only
+    complete directory), as (uri, matrix, ids); nothing when the run has none yet."""
+    from artsim.index import embeddings_key
 
-
-def _latest_embeddings(storage, paths):
-    """The most recently written complete embeddings/<model>/ directory, as (uri, matrix, ids)."""
-    candidates = _complete_children(storage, join(paths.root, "embeddings"))
-    if not candidates:
+    try:
+        key = embeddings_key(ctx)
+    except ConfigError:  # no embeddings in this run (yet): the report shows what there is
         return None, None, []
-    uri = max(candidates, key=lambda u: _modified(storage, join(u, "_SUCCESS")))
-    table = storage.read_table(uri, columns=["object_id", "embedding"])
+    uri = ctx.paths.embeddings(key)
+    if not ctx.storage.is_complete(uri):  # index.embeddings names a directory that is not written (yet)
+        return None, None, []
+    table = ctx.storage.read_table(uri, columns=["object_id", "embedding"])
     ids = table.column("object_id").to_pylist()
     emb = table.column("embedding").combine_chunks()
     dim = emb.type.list_size
@@ -143,17 +145,17 @@ def _latest_embeddings(storage, paths):
     return uri, vectors, ids
 
 
-def _modified(storage, uri: str) -> float:
-    fs, path = storage.fs(uri)
-    return fs.modified(path).timestamp()
+def _report_links(ctx):
+    """The links the links stage writes for this config (links.name, else index.name, else the embeddings key)."""
+    from artsim.links import links_name
 
-
-def _latest_links(storage, paths):
-    candidates = _complete_children(storage, join(paths.root, "links"))
-    if not candidates:
+    try:
+        uri = ctx.paths.links(links_name(ctx))
+    except ConfigError:
         return None, None
-    uri = max(candidates, key=lambda u: _modified(storage, join(u, "_SUCCESS")))
-    return uri, storage.read_table(uri)
+    if not ctx.storage.is_complete(uri):
+        return None, None
+    return uri, ctx.storage.read_table(uri)
 
 
 def _sheet_objects(links: pa.Table, n: int) -> list[str]:
@@ -199,13 +201,17 @@ def _overview_section(ctx, records, images_report, ingest_report, embeddings_uri
     items = [f"<li>run directory: <code>{html.escape(ctx.paths.root)}</code></li>",
              f"<li>records: {records.num_rows}</li>",
              f"<li>images downloaded (ok): {ok if ok is not None else 'n/a'}</li>",
-             f"<li>embeddings: <code>{html.escape(str(embeddings_uri))}</code></li>",
-             f"<li>links: <code>{html.escape(str(links_uri))}</code></li>"]
+             f"<li>embeddings: {_where(embeddings_uri, 'embed')}</li>",
+             f"<li>links: {_where(links_uri, 'links')}</li>"]
     ingest = ""
     if ingest_report:
         ingest = f"<details><summary>ingest report</summary><pre>{html.escape(json.dumps(ingest_report, indent=2))}</pre></details>"
     return (f"<h2>Overview</h2><ul>{''.join(items)}</ul>"
             f"<table><tr><th>collection</th><th>records</th></tr>{rows}</table>{ingest}")
+
+
+def _where(uri, stage: str) -> str:
+    return f"<code>{html.escape(uri)}</code>" if uri else f"none yet (run the {stage} stage)"
 
 
 def _download_section(report: dict) -> str:

@@ -13,7 +13,7 @@ from conftest import MET_SAMPLE
 
 
 def _run_dir(tmp_path):
-    ctx = RunContext(config_from_dict({"run": {"root": str(tmp_path / "run")}}))
+    ctx = RunContext(config_from_dict({"run": {"root": str(tmp_path / "run")}, "index": {"embeddings": "m"}}))
     files = sorted((MET_SAMPLE / "images").glob("*.jpg"))[:12]
     recs, imgs = [], []
     for i, f in enumerate(files):
@@ -72,3 +72,25 @@ def test_report_without_tags_or_curator_sections(tmp_path):
     page = open(run_report(ctx)["report_uri"], encoding="utf-8").read()
     assert "<h2>Neighbour sheets" in page
     assert "Suggested tags" not in page and "Vocabulary" not in page and "Latent walk" not in page
+
+
+def test_report_shows_the_configured_embeddings_and_links_not_the_newest(tmp_path):
+    # A later experiment wrote other embeddings and links into the same run; the report follows the config (the same
+    # rule the index and links stages use), so it describes the run's indexed vectors, not whatever was written last.
+    ctx, recs = _run_dir(tmp_path)
+    other = pa.table({"object_id": [r["object_id"] for r in recs[:4]],
+                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array(np.ones(16, np.float32)), 4),
+                      "model": ["other"] * 4})
+    ctx.storage.write_table(other, ctx.paths.embeddings("other"))
+    ctx.storage.write_table(pa.Table.from_pylist([{"object_id": recs[0]["object_id"], "neighbor_id": "x:1",
+                                                   "rank": 1, "score": 0.5, "neighbor_collection": "x"}]),
+                            ctx.paths.links("other"))
+    summary = run_report(ctx)
+    page = open(summary["report_uri"], encoding="utf-8").read()
+    assert f"<code>{ctx.paths.embeddings('m')}</code>" in page
+    assert f"<code>{ctx.paths.links('m')}</code>" in page
+    assert "x:1" not in page
+
+    ctx.config.index.embeddings = "not-written"  # configured but absent: the report says so instead of guessing
+    page = open(run_report(ctx)["report_uri"], encoding="utf-8").read()
+    assert "<h2>Overview" in page and "<h2>Neighbour sheets" not in page and "<h2>Map" not in page
