@@ -74,19 +74,34 @@ def _pid_owning(inode: str) -> int | None:
         if not pid.isdigit():
             continue
         try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
-                    return int(pid)
+            fds = os.listdir(f"/proc/{pid}/fd")
         except OSError:  # the process ended or is not ours
             continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                    return int(pid)
+            except OSError:  # this fd closed while we looked; the process's other fds still count
+                continue
+    return None
+
+
+def _requester_pid(client_port: int, server_port: int, attempts: int = 5) -> int | None:
+    # The scan races with other processes opening and closing fds (a CI run once lost one of 36 lookups that way);
+    # the client's socket stays open while it waits for our answer, so a second look finds it.
+    for _ in range(attempts):
+        inode = _socket_inode(client_port, server_port)
+        pid = _pid_owning(inode) if inode else None
+        if pid is not None:
+            return pid
+        time.sleep(0.02)
     return None
 
 
 def traced(behaviour, requesters: list):
     """Wrap a route: record the pid of the process on the other end of the connection, then answer as usual."""
     def run(h):
-        inode = _socket_inode(h.client_address[1], h.server.server_address[1])
-        requesters.append(_pid_owning(inode) if inode else None)
+        requesters.append(_requester_pid(h.client_address[1], h.server.server_address[1]))
         behaviour(h)
 
     return run
