@@ -7,7 +7,10 @@ from typing import Iterable, Sequence
 
 
 def say(message: str) -> None:
-    print(f"[artsim] {message}", flush=True)
+    # Written to the stream, not through print(): Ray Train patches print() in its workers to tee into a logger as
+    # well, which printed every epoch line twice in the driver's log.
+    sys.stdout.write(f"[artsim] {message}\n")
+    sys.stdout.flush()
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence], out=None) -> str:

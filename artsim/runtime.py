@@ -43,10 +43,24 @@ def ensure_ray(config: Config) -> None:
         ray.init(address=config.ray.address, runtime_env={"env_vars": env} if env else None, **kwargs)
     else:
         # address="local": always start our own Ray, never attach to another process's Ray on this machine.
-        ray.init(address="local", num_cpus=config.ray.num_cpus, **kwargs)
+        ray.init(address="local", num_cpus=config.ray.num_cpus,
+                 runtime_env={"worker_process_setup_hook": "artsim.runtime.quiet_local_worker"}, **kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = os.environ.get("ARTSIM_RAY_PROGRESS", "0") == "1"
     ctx.print_on_execution_start = False
+
+
+def quiet_local_worker() -> None:
+    """Runs in every worker process of a Ray that artsim started itself (no dashboard, hence no State API).
+
+    Ray Train's PlacementGroupCleaner polls the State API to learn whether the train controller died; without a
+    dashboard every poll fails and it warns every few seconds (~20 lines per training run) about something that is
+    known and harmless here: the cleaner is a fallback for a controller that dies ungracefully, and on a local Ray
+    the placement group goes away with the session anyway. Clusters (ray.address set) keep Ray's logging as is.
+    """
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 class StageTimer:

