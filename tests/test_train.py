@@ -13,7 +13,7 @@ from artsim.config import config_from_dict
 from artsim.errors import ArtsimError
 from artsim.runtime import RunContext
 from artsim.schema import records_table
-from artsim.similarity.data import epoch_batches, held_out_mask, prepare_training_data
+from artsim.similarity.data import PackedImages, epoch_batches, held_out_mask, prepare_training_data
 from artsim.similarity.evaluate import chance_recall_at_k, recall_at_k, relevance_from_labels
 from artsim.similarity.losses import positive_pair_keys, triplet_loss, valid_negative_mask
 from artsim.similarity.models import HeadModel, head_description
@@ -103,6 +103,18 @@ def test_epoch_batches_give_every_worker_the_same_number_of_steps():
     assert len(set(all_items.tolist())) == len(all_items)  # no triplet on two workers
     assert not np.array_equal(np.concatenate(epoch_batches(1001, 64, 3, 0, 0, 3)),
                               np.concatenate(epoch_batches(1001, 64, 2, 0, 0, 3)))
+
+
+def test_packed_images_round_trip_and_survive_ray_serialisation(ray_session):
+    import ray
+
+    images = [b"", b"\xff\xd8jpeg", bytes(range(256)) * 3, b"x"]
+    packed = PackedImages.pack(images)
+    assert len(packed) == 4 and [packed[i] for i in range(4)] == images
+    assert packed.nbytes == sum(map(len, images)) + 5 * 8
+    back = ray.get(ray.put({"images": packed}))["images"]  # what a finetune worker gets
+    assert [back[i] for i in range(4)] == images
+    assert len(PackedImages.pack([])) == 0
 
 
 def test_bias_free_heads_do_not_care_about_input_scale():

@@ -80,12 +80,19 @@ def _build_model(config: dict, payload: dict):
     model = FinetuneModel(embedder.backbone, head)
     for p in model.parameters():
         p.requires_grad_(True)
-    # Decode every image once (uint8, crop size), with exactly the preprocessing the embed stage uses.
-    pixels = np.stack([embedder.preprocess_pixels(b) for b in payload["images"]])
+    # Each batch's images are decoded when it comes up, with exactly the preprocessing the embed stage uses; the
+    # compressed images are shared by the node's workers (PackedImages), so memory does not grow with decoded pixels.
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = payload["images"]
     mean, std = embedder.spec.mean, embedder.spec.std
+    decoder = ThreadPoolExecutor(max(1, config["threads"]), thread_name_prefix="artsim-decode")
+
+    def pixels_of(objects: np.ndarray) -> np.ndarray:  # PIL decodes outside the GIL: threads overlap
+        return np.stack(list(decoder.map(lambda i: embedder.preprocess_pixels(images[int(i)]), objects)))
 
     def encode(objects: np.ndarray, training: bool, module=None):
-        batch = torch.from_numpy(pixels[objects])
+        batch = torch.from_numpy(pixels_of(objects))
         if training:  # horizontal flips: a mirrored painting shows the same subject
             flip = torch.rand(len(objects)) < 0.5
             batch[flip] = batch[flip].flip(dims=[2])

@@ -98,7 +98,10 @@ def load_finetune_inputs(ctx, cfg: TrainConfig, triplets: dict):
         ok = set(data.object_ids) - {b[0] for b in bad}
         data = prepare_training_data(triplets["anchor_id"], triplets["positive_id"], triplets["negative_id"],
                                      triplets["reason"], ok, cfg.validation_fraction, cfg.seed)
-    return embedder.spec, data, {"data": data, "images": [images[o] for o in data.object_ids]}, ctx.paths.images
+    from artsim.similarity.data import PackedImages
+
+    packed = PackedImages.pack([images[o] for o in data.object_ids])
+    return embedder.spec, data, {"data": data, "images": packed}, ctx.paths.images
 
 
 def plot_history(history: list, k: int, title: str) -> bytes:
