@@ -1,12 +1,17 @@
 """The index stage: embeddings/<model_key>/ -> index/<name>/ (manifest.json, ids.parquet, shards/).
 
-`run_index(ctx)` is the thin Ray layer: it reads the embeddings, assigns stable ids and picks the index type on the
-driver (plain functions in build.py / factory.py), then runs the heavy steps as Ray tasks:
+`run_index(ctx)` is the thin Ray layer. The driver never holds the vectors: it reads the Parquet footers and the
+object_id column, and everything that touches vectors runs in Ray tasks that read them from storage themselves,
+a bounded batch at a time (plain functions in build.py):
 
-1. train (k-means / quantizer training on a sample; on a GPU when the cluster has one),
-2. one task per shard: add that shard's vectors to a copy of the trained index, write the shard to storage, and
-   compute the exact top-10 of the held-out tuning queries over the shard (the merged ground truth),
-3. tune: load the written shards, sweep nprobe / efSearch, keep the cheapest setting reaching target recall.
+1. scan: one task per piece (<= 1M rows of one file) marks which rows hold a good vector and returns the vectors of
+   the sampled tuning-query and training rows (the training ones stay in the object store);
+2. driver: skipped rows (bad vector or id, repeated object_id), stable ids (`assign_ids`), index type, and shards
+   as contiguous, row-balanced runs of the directory (`plan_shards`);
+3. train (k-means / quantizer training on the sample; on a GPU when the cluster has one);
+4. one task per shard: read the shard's rows batch by batch, add them to a copy of the trained index, write the
+   shard to storage, and compute the exact top-10 of the tuning queries over the shard (the merged ground truth);
+5. tune: load the written shards, sweep nprobe / efSearch, keep the cheapest setting reaching target recall.
 
 Then ids.parquet and, last, manifest.json are written. Shards live under shards/<build_id>/, so a reader holding
 the previous manifest keeps reading the previous build's shards; builds older than the previous one are deleted.
@@ -28,8 +33,9 @@ from typing import Optional
 import numpy as np
 
 from artsim.console import Progress, say, table
-from artsim.errors import ConfigError, IntegrityError
-from artsim.index.build import assign_ids, embeddings_from_table, id_table
+from artsim.errors import ArtsimError, ConfigError, IntegrityError
+from artsim.index.build import (assign_ids, batch_rows_for, embedding_files, first_good_rows, fixed_dim, id_table,
+                                plan_shards, read_object_ids, scan_pieces)
 from artsim.index.factory import IndexPlan, choose_factory, kind_of_factory, nlist_for
 from artsim.index.manifest import FORMAT, IDS, MANIFEST, METRIC, validate_manifest
 from artsim.storage import Storage, join
@@ -102,10 +108,27 @@ def _plan(cfg, n: int, dim: int) -> IndexPlan:
     return choose_factory(n, dim, cfg.memory_budget_gb, cfg.exact_max_vectors)
 
 
+def sample_rows(rng: np.random.Generator, total: int, size: int, exclude: np.ndarray) -> np.ndarray:
+    """``size`` distinct rows of ``range(total)`` not in ``exclude`` (sorted), sorted; never builds ``arange(total)``
+    (tens of millions of rows)."""
+    exclude = np.asarray(exclude, dtype=np.int64)
+    available = total - len(exclude)
+    picks = np.sort(rng.choice(available, size=min(size, available), replace=False)).astype(np.int64)
+    # the p-th available row is p plus the number of excluded rows at or before it
+    return picks + np.searchsorted(exclude - np.arange(len(exclude)), picks, side="right")
+
+
+def _rows_in(rows: np.ndarray, piece) -> np.ndarray:
+    lo, hi = np.searchsorted(rows, [piece.first_row, piece.first_row + piece.num_rows])
+    return rows[lo:hi]
+
+
 def run_index(ctx, **options) -> dict:
+    """Build the index; the driver holds object ids, row masks and ids, never the vectors (see docs/index.md)."""
+    import pyarrow as pa
     import ray
 
-    from artsim.index.ray_tasks import shard_task, train_task, tune_task
+    from artsim.index.ray_tasks import max_length_task, scan_task, shard_task, train_task, tune_task
     from artsim.runtime import ensure_ray
 
     ensure_ray(ctx.config)
@@ -115,62 +138,127 @@ def run_index(ctx, **options) -> dict:
     key = embeddings_key(ctx)
     name = cfg.name or key
     emb_uri, index_uri = paths.embeddings(key), paths.index(name)
+    storage_config = ctx.config.storage
 
+    # 1. Driver: file footers and the object_id column only.
     say(f"index {name}: reading {emb_uri}")
-    emb = embeddings_from_table(storage.read_table(emb_uri, columns=["object_id", "embedding"]))
-    n, dim = emb.vectors.shape
+    files, emb_type = embedding_files(storage, emb_uri)
+    object_ids = read_object_ids(storage, files)
+    total = len(object_ids)
+    pieces = scan_pieces(files)
+    dim = fixed_dim(emb_type)
+    if dim is None:  # variable-length lists: their dimension is the longest vector (costs one more read)
+        dim = max(ray.get([max_length_task.remote(p, storage_config) for p in pieces]))
+        if dim < 1:
+            raise ArtsimError(f"embeddings: every vector in {emb_uri} is empty or null; nothing to index")
+    batch_rows = batch_rows_for(dim)
     model_uri = join(emb_uri, "_model.json")
     model = storage.read_json(model_uri) if storage.exists(model_uri) else {}
     model = dict(model) if isinstance(model, dict) else {}
     model.setdefault("model_key", key)
 
-    prev_manifest, prev_ids = _load_previous(storage, index_uri)
-    ids, next_id, reused = assign_ids(emb.object_ids, prev_ids, (prev_manifest or {}).get("next_id", 0))
-    order = np.argsort(ids, kind="stable")  # shard contents in id order: the same input gives the same shards
-    ids, object_ids, vectors = ids[order], emb.object_ids[order], emb.vectors[order]
-    num_shards = min(cfg.num_shards, n)
-    shard_of = (np.arange(n) % num_shards).astype(np.int32)
+    # 2. Candidates for the held-out tuning queries and the training sample, drawn before the scan so that one
+    # read of the vectors finds them. Tuning queries are never training points, so recall is measured on unseen
+    # vectors. Candidates whose row turns out not to be indexed (bad vector, repeated object_id) are dropped.
+    rng = np.random.default_rng(cfg.seed)
+    provisional = _plan(cfg, total, dim)  # at most as many rows as will be indexed: enough training candidates
+    query_candidates = sample_rows(rng, total, min(cfg.tuning_queries, max(1, total // 10)), np.zeros(0, np.int64))
+    train_candidates = np.zeros(0, np.int64)
+    if provisional.kind != "flat":
+        exclude = query_candidates if total - len(query_candidates) >= 1000 else np.zeros(0, np.int64)
+        train_candidates = sample_rows(rng, total, max(cfg.train_sample, MIN_TRAIN_PER_LIST * provisional.nlist),
+                                       exclude)
 
+    # 3. Scan tasks: which rows hold a good vector; the candidates' vectors (training ones stay in the store).
+    t0 = time.perf_counter()
+    pending = {}
+    for i, piece in enumerate(pieces):
+        summary_ref, query_ref, train_ref = scan_task.remote(
+            piece, dim, _rows_in(query_candidates, piece), _rows_in(train_candidates, piece), storage_config,
+            batch_rows)
+        pending[summary_ref] = (i, query_ref, train_ref)
+    progress = Progress(f"index {name}: scanning", total=len(pieces), unit="pieces", interval=5.0)
+    scans: list = [None] * len(pieces)
+    refs = list(pending)
+    while refs:
+        done, refs = ray.wait(refs, num_returns=1)
+        i, query_ref, train_ref = pending.pop(done[0])
+        scans[i] = (ray.get(done[0]), ray.get(query_ref), train_ref)
+        progress.update(1, f"({pieces[i].num_rows} rows)")
+    scan_seconds = time.perf_counter() - t0
+    good = np.concatenate([np.unpackbits(s["good"], count=s["num_rows"]).astype(bool) for s, _, _ in scans])
+    off_norm = sum(s["off_norm"] for s, _, _ in scans)
+    if off_norm:
+        log.warning("embeddings: %d vectors were not L2-normalised; normalising them", off_norm)
+    rows, skipped = first_good_rows(object_ids, good)
+    n = len(rows)
+    if n == 0:
+        raise ArtsimError(f"embeddings: no row of {emb_uri} has a valid vector and object_id; nothing to index "
+                          f"(skipped: {skipped})")
+    kept_object_ids = object_ids.take(pa.array(rows))
+    del object_ids, good
+
+    # 4. Stable ids, index type, shards (contiguous row ranges of the directory, balanced by indexed rows).
+    prev_manifest, prev_ids = _load_previous(storage, index_uri)
+    ids, next_id, reused = assign_ids(kept_object_ids, prev_ids, (prev_manifest or {}).get("next_id", 0))
     plan = _plan(cfg, n, dim)
+    shard_plans = plan_shards(files, rows, ids, cfg.num_shards)
+    num_shards = len(shard_plans)
+    shard_of = np.repeat(np.arange(num_shards, dtype=np.int32), [len(p.rows) for p in shard_plans])
     say(f"index {name}: {n} vectors of dimension {dim} -> {plan.factory} in {num_shards} shard(s) ({plan.reason})")
     records = None
     if storage.is_complete(paths.records):
         records = storage.read_table(paths.records)
     else:
         say(f"index {name}: no complete records/ in the run; facets other than collection will be empty")
-    ids_table = id_table(ids, object_ids, shard_of, records, cfg.facets, cfg.metadata)
+    ids_table = id_table(ids, kept_object_ids, shard_of, records, cfg.facets, cfg.metadata)
+    del records, kept_object_ids
 
-    # Held-out tuning queries are never training points, so recall is measured on unseen vectors.
-    rng = np.random.default_rng(cfg.seed)
-    n_queries = min(cfg.tuning_queries, max(1, n // 10))
-    query_rows = rng.choice(n, size=n_queries, replace=False)
-    queries = vectors[np.sort(query_rows)]
-    train_pool = np.setdiff1d(np.arange(n), query_rows) if n - n_queries >= 1000 else np.arange(n)
-    n_train = min(len(train_pool), max(cfg.train_sample, MIN_TRAIN_PER_LIST * plan.nlist))
-    train_rows = np.sort(rng.choice(train_pool, size=n_train, replace=False))
-    sample = vectors[train_rows] if plan.kind != "flat" else vectors[:0]
+    query_vectors = np.concatenate([q for _, q, _ in scans])
+    usable = np.isin(query_candidates, rows)
+    query_vectors = query_vectors[usable]
+    n_queries = min(cfg.tuning_queries, max(1, n // 10), len(query_vectors))
+    if n_queries < len(query_vectors):
+        query_vectors = query_vectors[np.sort(rng.choice(len(query_vectors), size=n_queries, replace=False))]
+    queries = np.ascontiguousarray(query_vectors, dtype=np.float32)
+    if len(queries) == 0:
+        raise ArtsimError(f"embeddings: none of the sampled tuning rows of {emb_uri} is indexable "
+                          f"(skipped: {skipped}); too few good rows to tune")
+    train_refs, train_masks = [], []
+    if plan.kind != "flat":
+        if provisional.kind == "flat":  # cannot happen: fewer rows never leave the exact regime
+            raise ArtsimError("index: internal error: no training candidates were drawn for a trained index")
+        for (_, _, train_ref), piece in zip(scans, pieces):
+            mask = np.isin(_rows_in(train_candidates, piece), rows)
+            if mask.any():
+                train_refs.append(train_ref)
+                train_masks.append(mask)
+    n_train = int(sum(m.sum() for m in train_masks))
+    del scans
 
     cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     threads = max(1, min(cluster_cpus, 8))
     t0 = time.perf_counter()
     trained = train_task.options(num_cpus=threads, num_gpus=1 if use_gpu else 0).remote(
-        plan.factory, dim, ray.put(sample), use_gpu, threads)
+        plan.factory, dim, train_refs, train_masks, use_gpu, threads)
     trained = ray.get(trained)  # the serialised trained index: small next to the vectors
+    del train_refs  # the training candidates leave the object store
     train_seconds = time.perf_counter() - t0
     if plan.kind != "flat":
-        say(f"index {name}: trained on {len(sample)} vectors in {train_seconds:.1f} s"
+        say(f"index {name}: trained on {n_train} vectors in {train_seconds:.1f} s"
             f"{' (GPU)' if use_gpu else ''}")
 
+    # 5. One task per shard: reads its own rows in batches, adds them, writes the shard, computes the truth.
     build_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
     trained_ref, queries_ref = ray.put(trained), ray.put(queries)
     pending = {}
-    for s in range(num_shards):
-        rows = np.nonzero(shard_of == s)[0]
+    for s, shard_plan in enumerate(shard_plans):
         rel = f"shards/{build_id}/shard-{s:05d}-of-{num_shards:05d}.faiss"
-        ref = shard_task.remote(trained_ref, ray.put(vectors[rows]), ray.put(ids[rows]), join(index_uri, rel),
-                                 ctx.config.storage, queries_ref)
+        ref = shard_task.remote(trained_ref, shard_plan, dim, join(index_uri, rel), storage_config, queries_ref,
+                                batch_rows)
         pending[ref] = (s, rel)
+    del shard_plans
     progress = Progress(f"index {name}: shards", total=num_shards, unit="shards", interval=5.0)
     shard_entries: list[Optional[dict]] = [None] * num_shards
     truths = []
@@ -216,22 +304,23 @@ def run_index(ctx, **options) -> dict:
         "tuning": tuning,
         "build": {"seconds": round(total_seconds, 2), "train_seconds": round(train_seconds, 2),
                   "add_seconds": round(add_seconds, 2), "tune_seconds": round(tune_seconds, 2),
-                  "train_vectors": int(len(sample)), "gpu": use_gpu, "reason": plan.reason,
-                  "reused_ids": int(reused), "new_ids": int(n - reused), "skipped": emb.skipped},
+                  "scan_seconds": round(scan_seconds, 2), "files": len(files),
+                  "train_vectors": n_train, "gpu": use_gpu, "reason": plan.reason,
+                  "reused_ids": int(reused), "new_ids": int(n - reused), "skipped": skipped},
     }
     storage.write_json(join(index_uri, MANIFEST), manifest)  # last: readers see the new index only from here
     _delete_old_builds(storage, index_uri, keep={build_id, _build_of(prev_manifest)})
 
     summary = {"index_uri": index_uri, "name": name, "factory": plan.factory, "vectors": int(n), "dim": int(dim),
                "shards": num_shards, "reused_ids": int(reused), "new_ids": int(n - reused),
-               "skipped": emb.skipped, "search_params": tuning["params"], "recall_at_10": tuning["recall_at_10"],
+               "skipped": skipped, "search_params": tuning["params"], "recall_at_10": tuning["recall_at_10"],
                "latency_p50_ms": tuning["latency"]["p50_ms"], "seconds": round(total_seconds, 2),
                "vectors_per_second": round(n / max(total_seconds, 1e-9), 1)}
     table(["index", "vectors", "dim", "factory", "shards", "params", "recall@10", "p50 ms", "seconds"],
           [[name, n, dim, plan.factory, num_shards, tuning["params"] or "-", tuning["recall_at_10"],
             tuning["latency"]["p50_ms"], f"{total_seconds:.1f}"]])
     say(f"index {name}: {reused} ids kept from the previous build, {n - reused} new"
-        + (f"; skipped {emb.skipped}" if emb.skipped else "") + f"; written to {index_uri}")
+        + (f"; skipped {skipped}" if skipped else "") + f"; written to {index_uri}")
     return summary
 
 
