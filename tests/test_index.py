@@ -240,3 +240,31 @@ def test_incremental_build_keeps_old_ids_and_never_reuses_retired_ones(tmp_path,
     assert hits[0]["score"] > 0.5  # the new vectors are searchable
     shard_dirs = os.listdir(os.path.join(uri, "shards"))
     assert len(shard_dirs) == 2  # this build and the previous one (a reader may still hold its manifest)
+
+
+def test_id_table_joins_only_the_wanted_record_columns(tmp_path):
+    import pyarrow as pa
+
+    from artsim.errors import ConfigError
+    from artsim.index.build import id_table, read_record_columns
+    from artsim.schema import empty_record, records_table
+    from artsim.storage import Storage
+
+    storage = Storage()
+    uri = str(tmp_path / "records")
+    recs = [{**empty_record(), "object_id": "met:1", "collection": "met", "culture": "French", "creator": "A"},
+            {**empty_record(), "object_id": "met:1", "collection": "met", "culture": "Dutch", "creator": "B"},
+            {**empty_record(), "object_id": "smk:2", "collection": "smk", "culture": None, "creator": "C"}]
+    storage.write_table(records_table(recs), uri)
+    records = read_record_columns(storage, uri, ["collection", "culture"], ["creator"])
+    assert records.column_names == ["object_id", "collection", "culture", "creator"]  # not the whole schema
+    with pytest.raises(ConfigError, match=r"index.facets: column 'museum' is not in records/"):
+        read_record_columns(storage, uri, ["museum"], [])
+
+    table = id_table(np.array([7, 3, 5]), pa.array(["met:1", "smk:2", "rijks:9"]), np.array([0, 1, 0]), records,
+                     ["collection", "culture"], ["creator"])
+    rows = {r["object_id"]: r for r in table.to_pylist()}
+    assert table.column("id").to_pylist() == [3, 5, 7]  # sorted by id
+    assert rows["met:1"]["culture"] == "French" and rows["met:1"]["creator"] == "A"  # repeated record: first wins
+    assert rows["rijks:9"]["collection"] == "rijks" and rows["rijks:9"]["culture"] is None  # no record: id prefix
+    assert rows["smk:2"]["shard"] == 1

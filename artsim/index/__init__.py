@@ -35,7 +35,7 @@ import numpy as np
 from artsim.console import Progress, say, table
 from artsim.errors import ArtsimError, ConfigError, IntegrityError
 from artsim.index.build import (assign_ids, batch_rows_for, embedding_files, first_good_rows, fixed_dim, id_table,
-                                plan_shards, read_object_ids, scan_pieces)
+                                plan_shards, read_object_ids, read_record_columns, scan_pieces)
 from artsim.index.factory import IndexPlan, choose_factory, kind_of_factory, nlist_for
 from artsim.index.manifest import FORMAT, IDS, MANIFEST, METRIC, validate_manifest
 from artsim.storage import Storage, join
@@ -208,7 +208,7 @@ def run_index(ctx, **options) -> dict:
     say(f"index {name}: {n} vectors of dimension {dim} -> {plan.factory} in {num_shards} shard(s) ({plan.reason})")
     records = None
     if storage.is_complete(paths.records):
-        records = storage.read_table(paths.records)
+        records = read_record_columns(storage, paths.records, cfg.facets, cfg.metadata)
     else:
         say(f"index {name}: no complete records/ in the run; facets other than collection will be empty")
     ids_table = id_table(ids, kept_object_ids, shard_of, records, cfg.facets, cfg.metadata)

@@ -374,6 +374,25 @@ def assign_ids(object_ids, previous: Optional[pa.Table], previous_next_id: int =
     return ids, next_id + int(new.sum()), int((~new).sum())
 
 
+def _wanted_columns(facets: list[str], metadata: list[str]) -> list[str]:
+    return [c for c in dict.fromkeys(list(facets) + list(metadata)) if c not in ("id", "object_id", "shard")]
+
+
+def read_record_columns(storage, records_uri: str, facets: list[str], metadata: list[str]) -> pa.Table:
+    """object_id and the facet / metadata columns of records/, nothing else: at aggregator scale the descriptions,
+    subjects and URLs the index does not keep would dominate the driver's memory."""
+    import pyarrow.dataset as ds
+
+    fs, path = storage.arrow_fs(records_uri)
+    names = ds.dataset(path, filesystem=fs, format="parquet").schema.names
+    wanted = _wanted_columns(facets, metadata)
+    for c in wanted:
+        if c not in names:
+            key = "index.facets" if c in facets else "index.metadata"
+            raise ConfigError(key, f"column {c!r} is not in records/ (it has {', '.join(names)})")
+    return storage.read_table(records_uri, columns=["object_id"] + wanted)
+
+
 def id_table(ids: np.ndarray, object_ids: np.ndarray, shard_of: np.ndarray, records: Optional[pa.Table],
              facets: list[str], metadata: list[str]) -> pa.Table:
     """ids.parquet: id, object_id, shard, facet columns, metadata columns; sorted by id.
@@ -384,15 +403,13 @@ def id_table(ids: np.ndarray, object_ids: np.ndarray, shard_of: np.ndarray, reco
         object_ids = pa.array(list(object_ids), pa.string())
     table = pa.table({"id": pa.array(ids, pa.int64()), "object_id": object_ids,
                       "shard": pa.array(shard_of, pa.int32())})
-    wanted = [c for c in dict.fromkeys(list(facets) + list(metadata)) if c not in ("id", "object_id", "shard")]
+    wanted = _wanted_columns(facets, metadata)
     if records is not None:
         for c in wanted:
             if c not in records.column_names:
                 key = "index.facets" if c in facets else "index.metadata"
                 raise ConfigError(key, f"column {c!r} is not in records/ (it has {', '.join(records.column_names)})")
-        rec_ids = records.column("object_id").to_numpy(zero_copy_only=False).astype(str)
-        _, first = np.unique(rec_ids, return_index=True)  # a repeated record: the first one wins
-        records = records.take(pa.array(np.sort(first)))
+        # index_in gives the position of the first equal value: a repeated record, the first one wins.
         positions = pc.index_in(table.column("object_id"), value_set=records.column("object_id"))
         for c in wanted:
             col = records.column(c).combine_chunks()
@@ -404,7 +421,10 @@ def id_table(ids: np.ndarray, object_ids: np.ndarray, shard_of: np.ndarray, reco
             dtype = pa.int32() if c in ("date_begin", "date_end") else pa.string()
             table = table.append_column(c, pa.nulls(table.num_rows, dtype))
     if "collection" in table.column_names:
-        prefix = pa.array([o.split(":", 1)[0] if ":" in o else None for o in object_ids.to_pylist()], pa.string())
+        oids = table.column("object_id")
+        prefix = pc.if_else(pc.match_substring(oids, ":"),  # "met:436002" -> "met", vectorised (tens of millions)
+                            pc.list_element(pc.split_pattern(oids, ":", max_splits=1), 0),
+                            pa.scalar(None, pa.string()))
         table = table.set_column(table.column_names.index("collection"), "collection",
                                  pc.coalesce(table.column("collection"), prefix))
     return table.sort_by("id")
