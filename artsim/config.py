@@ -320,10 +320,15 @@ class ReportConfig:
     suggest_tags: bool = True  # suggested subjects/concepts from visual neighbours, with a held-out evaluation
     classify_vocabulary: bool = True  # Europeana's 20 image categories from metadata text + image neighbours
     latent_walks: int = 2  # paths through the embedding space between works of different collections
+    # map, clusters, tags, vocabulary and walks use at most this many works: a deterministic sample, stratified per
+    # collection, of larger runs (the driver holds only their vectors); counts always describe the whole run
+    max_works: int = 20_000
 
     def check(self):
         if self.latent_walks < 0:
             yield "latent_walks", "must be 0 or more"
+        if self.max_works < 3:
+            yield "max_works", "must be 3 or more (the map and clusters need 3 works)"
 
 
 @dataclass
