@@ -67,7 +67,11 @@ def run_report(ctx) -> dict:
     sampled = set(vector_ids)
     curate_records = records_read.rows.filter(pc.is_in(records_read.rows["object_id"],
                                                        value_set=pa.array(sorted(sampled), pa.string())))
-    walk_candidates = [i for i in sheet_ids if i in sampled] or vector_ids
+    # walks start from the sheets' works; those left out of the sample are replaced by sampled works
+    walk_candidates = [i for i in sheet_ids if i in sampled]
+    if len(walk_candidates) < len(sheet_ids) or not sheet_ids:
+        first = set(walk_candidates)
+        walk_candidates += [i for i in vector_ids if i not in first]
     curated = _curate(cfg, curate_records, vectors, vector_ids, walk_candidates, meta) if has_vectors else {}
 
     # Thumbnails only for the works shown (streamed), so the page stays small for any collection size.
