@@ -288,7 +288,8 @@ def test_large_run_driver_memory_stays_far_below_the_vectors(tmp_path):
     assert sampled["arrow_peak"] < cap, sampled
     # the same measure sees the vectors when the driver does load them all: the checks above can fail
     whole = _report_peaks(tmp_path / "run", "whole_matrix")
-    assert whole["traced_peak"] > vector_bytes and whole["arrow_peak"] > vector_bytes, whole
+    # (half the vectors is plenty to show that: twice the cap, without betting on allocator overheads)
+    assert whole["traced_peak"] > vector_bytes // 2 and whole["arrow_peak"] > vector_bytes // 2, whole
     print(f"report driver peaks, MiB: sampled numpy/Python {sampled['traced_peak'] / 2**20:.1f}, Arrow "
           f"{sampled['arrow_peak'] / 2**20:.1f}; whole matrix {whole['traced_peak'] / 2**20:.1f}, "
           f"{whole['arrow_peak'] / 2**20:.1f}; vectors {vector_bytes / 2**20:.1f}")
