@@ -106,8 +106,8 @@ import sys  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from artsim.report import (_report_sample, allocate, read_sample_vectors, stable_hash,  # noqa: E402
-                           strongest_links)
+from artsim.report_inputs import (allocate, read_sample_vectors, report_sample, stable_hash,  # noqa: E402
+                                  strongest_links)
 from artsim.storage import join  # noqa: E402
 from conftest import REPO  # noqa: E402
 
@@ -170,7 +170,7 @@ def test_stable_hash_is_batch_and_process_independent():
     assert (stable_hash(pa.array(ids), 8) != whole).all()  # the seed matters
     assert whole[2] == whole[4]  # null hashes as ""
     # the same values in another interpreter (no Python hash(), no per-process salt)
-    code = "import pyarrow as pa; from artsim.report import stable_hash; " \
+    code = "import pyarrow as pa; from artsim.report_inputs import stable_hash; " \
            f"print(stable_hash(pa.array({ids!r}), 7).tolist())"
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                            env=dict(os.environ, PYTHONHASHSEED="123", PYTHONPATH=str(REPO)))
@@ -204,15 +204,15 @@ def test_large_run_report_uses_a_deterministic_stratified_sample(tmp_path):
         assert f"<h2>{section}" in page
 
     # the sample read is exactly the brute-force one, and only its rows were read
-    _, sample = _report_sample(ctx, 200)
+    _, sample = report_sample(ctx, 200)
     got_ids, got_vectors = read_sample_vectors(ctx.storage, sample)
     assert set(got_ids) == _expected_sample(ids, 200) and len(got_ids) == 200
     assert got_vectors.shape == (200, 16)
     # deterministic: the same run again, and the same works split into other files, give the same sample
-    _, again = _report_sample(ctx, 200)
+    _, again = report_sample(ctx, 200)
     assert again.rows.tolist() == sample.rows.tolist()
     ctx2, ids2, _ = _big_run(tmp_path / "run2", emb_files=3, row_group=50)
-    assert set(read_sample_vectors(ctx2.storage, _report_sample(ctx2, 200)[1])[0]) == set(got_ids)
+    assert set(read_sample_vectors(ctx2.storage, report_sample(ctx2, 200)[1])[0]) == set(got_ids)
 
 
 def test_large_run_sheets_are_the_strongest_links_of_the_whole_table(tmp_path):
