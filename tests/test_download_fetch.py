@@ -126,8 +126,10 @@ def test_hostbook_connection_and_rate_caps():
     lease, wait, reason = book.try_acquire("h", now=0.0)
     assert lease is None and reason == "rate" and wait == pytest.approx(0.1)
     b, _, _ = book.try_acquire("h", now=0.1)
-    c, _, reason = book.try_acquire("h", now=0.2)
+    c, wait, reason = book.try_acquire("h", now=0.2)
     assert b is not None and c is None and reason == "connections"
+    # Waiters are woken by releases; by themselves they wait for the first lease to expire, never spin.
+    assert wait == pytest.approx(60.0 - 0.2)
     assert book.try_acquire("other", now=0.2)[0] is not None  # caps are per host
     book.release("h", a, "ok", now=0.25)
     assert book.try_acquire("h", now=0.25)[0] is not None
@@ -137,7 +139,8 @@ def test_hostbook_connection_and_rate_caps():
 def test_hostbook_lease_expiry_returns_slot_of_dead_worker():
     book = HostBook(connections=1, requests_per_second=1000, breaker_failures=3, breaker_cooldown_s=30, lease_s=5)
     assert book.try_acquire("h", now=0.0)[0] is not None  # never released: the worker died
-    assert book.try_acquire("h", now=1.0)[0] is None
+    lease, wait, _ = book.try_acquire("h", now=1.0)
+    assert lease is None and wait == pytest.approx(4.0)  # a waiter wakes up when the dead worker's lease expires
     assert book.try_acquire("h", now=5.5)[0] is not None
 
 

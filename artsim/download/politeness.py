@@ -81,7 +81,11 @@ class HostBook:
         if wait > 0:
             return None, wait, "rate"
         if state.active >= self.connections:
-            return None, min(self.interval, 0.05), "connections"
+            # Every release wakes the waiters (both front ends), so the only change nobody announces is a lease
+            # expiring (a worker died holding it): wait for that. Waiting min(interval, 50 ms) instead made every
+            # queued request re-poll every 0.1 ms at 10,000 requests/s: the limiter actor spun at 95 % CPU and a
+            # 20,000-image run slowed from 125 to 37 images/s as the queue grew.
+            return None, min(state.leases.values()) - now, "connections"
         lease = self._next_lease
         self._next_lease += 1
         state.leases[lease] = now + self.lease_s
