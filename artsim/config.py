@@ -180,6 +180,9 @@ class MineConfig:
     text_min_similarity: float = 0.5  # ... with at least this cosine; negatives stay below it
     hard_negative_k: int = 20  # hard_negatives: negatives come from this many nearest images
     embeddings: Optional[str] = None  # hard_negatives: embeddings/<key>/; null: the embed section's model key
+    # mine within at most this many objects: above it, a per-collection sample by hash of object_id and seed
+    # (annotated objects always join); bounds driver memory and text encoding
+    max_objects: int = 200_000
 
     def check(self):
         from artsim.similarity.strategies import STRATEGIES
@@ -203,6 +206,8 @@ class MineConfig:
             yield "text_min_similarity", "must be between -1 and 1"
         if self.hard_negative_k < 1:
             yield "hard_negative_k", "must be at least 1"
+        if self.max_objects < 3:
+            yield "max_objects", "must be at least 3 (a triplet names three objects)"
 
 
 @dataclass

@@ -341,3 +341,214 @@ def test_same_collection_annotations_are_split_and_counted_once():
     assert ("a:0", "a:1", "a:2") in {t.key for t in result.triplets}
     issues = result.report["issues"]["annotations"]
     assert issues["unknown_ids"] == 1 and issues["cross_collection_ids"] == 2  # b:1 for a:0, a:3 for b:0
+
+
+# -- the mining pool: a bounded, deterministic, stratified sample of a large records/ -------------------------------
+
+def _reference_hash(object_id: str, seed: int) -> int:
+    """FNV-1a 64 over (seed as 8 little-endian bytes + UTF-8 id), then splitmix64: the documented definition."""
+    mask = (1 << 64) - 1
+    h = 0xCBF29CE484222325
+    for byte in (seed & mask).to_bytes(8, "little") + object_id.encode():
+        h = ((h ^ byte) * 0x100000001B3) & mask
+    h ^= h >> 30
+    h = (h * 0xBF58476D1CE4E5B9) & mask
+    h ^= h >> 27
+    h = (h * 0x94D049BB133111EB) & mask
+    return h ^ (h >> 31)
+
+
+def test_stable_hashes_match_the_definition_and_depend_on_the_seed():
+    import pyarrow as pa
+
+    from artsim.similarity.corpus import stable_hashes
+
+    ids = ["met:1", "rijks:SK-A-1505", "", "é:ü", "x" * 300, "met:10", "met:1"]
+    for seed in (0, 7, -1):
+        assert stable_hashes(ids, seed).tolist() == [_reference_hash(i, seed) for i in ids]
+    sliced = pa.array(["skip", *ids], pa.string()).slice(1)  # an Arrow slice (offset into the buffers)
+    assert stable_hashes(sliced, 3).tolist() == stable_hashes(ids, 3).tolist()
+    assert stable_hashes(ids, 0)[0] != stable_hashes(ids, 1)[0]
+
+
+def test_pool_quotas_fill_the_pool_and_represent_every_collection():
+    from artsim.similarity.corpus import MIN_PER_COLLECTION, pool_quotas
+
+    counts = {"big": 1_000_000, "mid": 5_000, "small": 300, "tiny": 4}
+    quotas = pool_quotas(counts, 2_000)
+    assert sum(quotas.values()) == 2_000
+    assert quotas["tiny"] == 4 and quotas["small"] == MIN_PER_COLLECTION  # the floor, not the 0.6 of a share
+    assert quotas["big"] > 15 * quotas["mid"] and all(quotas[c] <= counts[c] for c in counts)
+    assert pool_quotas(counts, 2_000_000) == counts  # it all fits: nothing is sampled
+    assert sum(pool_quotas({f"c{i}": 10 for i in range(50)}, 60).values()) == 60  # floor shrinks with many
+    with pytest.raises(ValueError, match="collections do not fit"):
+        pool_quotas({f"c{i}": 10 for i in range(50)}, 40)
+
+
+def _write_records(ctx, recs, files=3):
+    from artsim.storage import join
+
+    tab = records_table(recs)
+    per = -(-tab.num_rows // files)
+    with ctx.storage.atomic_dir(ctx.paths.records) as staging:
+        for i in range(files):
+            ctx.storage.write_parquet_file(tab.slice(i * per, per), join(staging, f"part-{i:05d}.parquet"))
+
+
+def _uneven_records(n):
+    """n records in 3 collections of very different size (a: ~90%, b: ~10%, c: 7 works)."""
+    recs = synthetic_records(SyntheticSpec(n=n, seed=11, n_collections=2, n_subjects=8))
+    for i, r in enumerate(recs[:7]):
+        r.update(object_id=f"c:{i}", collection="c")
+    for r in recs[7:]:
+        big = r["collection"] == "synth_a" or int(r["local_id"]) % 4  # fewer b's than a's
+        r.update(collection="a" if big else "b", object_id=f"{'a' if big else 'b'}:{r['local_id']}")
+    return recs
+
+
+def test_pool_is_deterministic_stratified_and_adds_annotated_objects(tmp_path):
+    from artsim.similarity.corpus import read_pool
+
+    recs = _uneven_records(3_000)
+    sizes = Counter(r["collection"] for r in recs)
+    ctx = _ctx(tmp_path)
+    _write_records(ctx, recs)
+    annotated = {recs[-1]["object_id"], recs[-2]["object_id"], "zzz:404"}
+    corpus, info = read_pool(ctx.storage, ctx.paths.records, 600, seed=5, always=annotated)
+    assert info.sampled and info.records == 3_000 and info.line == f"pool: {corpus.size} of 3000 records " \
+                                                                    "(sampled per collection)"
+    in_pool = set(corpus.object_ids)
+    plain, plain_info = read_pool(ctx.storage, ctx.paths.records, 600, seed=5)
+    sampled = set(plain.object_ids)
+    assert len(sampled) == 600 and plain_info.annotated_added == 0
+    # annotated objects join whatever their hash (unknown ids are ignored); the sample itself does not change
+    assert in_pool == sampled | {recs[-1]["object_id"], recs[-2]["object_id"]}
+    assert corpus.size == 600 + info.annotated_added and info.annotated_added == len(in_pool - sampled)
+    per_collection = Counter(o.split(":")[0] for o in sampled)
+    assert per_collection == info.quotas and per_collection["c"] == 7  # every collection; the tiny one whole
+    assert per_collection["a"] > 3 * per_collection["b"] and sizes["a"] > 6 * sizes["b"]  # larger keeps more
+    # only the pool's rows were read beyond ids and collections
+    assert info.rows_read == corpus.size
+    # deterministic in the seed, whatever the file layout; another seed picks another pool
+    _write_records(ctx, list(reversed(recs)), files=5)
+    again, _ = read_pool(ctx.storage, ctx.paths.records, 600, seed=5, always=annotated)
+    assert set(again.object_ids) == in_pool
+    other, other_info = read_pool(ctx.storage, ctx.paths.records, 600, seed=6, always=annotated)
+    assert set(other.object_ids) != in_pool and other.size == 600 + other_info.annotated_added
+    # the pool is the quota's smallest salted hashes of each collection
+    from artsim.similarity.corpus import stable_hashes
+
+    a_ids = sorted((r["object_id"] for r in recs if r["collection"] == "a"))
+    ranked = np.array(a_ids)[np.argsort(stable_hashes(a_ids, 5), kind="stable")]
+    assert set(ranked[:info.quotas["a"]]) == {o for o in sampled if o.startswith("a:")}
+
+
+def test_pool_below_max_objects_is_every_record(tmp_path):
+    from artsim.similarity.corpus import read_pool
+
+    recs = _uneven_records(500)
+    ctx = _ctx(tmp_path)
+    _write_records(ctx, recs)
+    corpus, info = read_pool(ctx.storage, ctx.paths.records, 500, seed=0)
+    assert not info.sampled and corpus.object_ids == [r["object_id"] for r in recs]  # same order as before
+    assert info.line == "pool: 500 of 500 records (all of them)"
+    assert corpus.texts == corpus_from_records(recs).texts
+
+
+def test_run_mine_on_a_large_records_mines_only_inside_the_pool(tmp_path, capsys):
+    recs = _uneven_records(4_000)
+    ids = [r["object_id"] for r in recs]
+    outside = ids[-1]  # annotated below: kept even if the sample leaves it out
+    ctx = _ctx(tmp_path, num_triplets=1_500, max_objects=400, same_collection=True,
+               strategies={"shared_terms": 2, "same_creator": 1, "annotations": 1},
+               annotations=str(tmp_path / "ann.csv"))
+    (tmp_path / "ann.csv").write_text(f"anchor,similar,dissimilar\n{outside},{ids[-5]},{ids[-9]}\n")
+    _write_records(ctx, recs)
+    summary = run_mine(ctx)
+    pool = summary["pool"]
+    assert pool["sampled"] and pool["records"] == 4_000 and pool["rows_read"] == pool["objects"] <= 403
+    from artsim.similarity.corpus import read_pool
+
+    corpus, _ = read_pool(ctx.storage, ctx.paths.records, 400, seed=0, always={outside, ids[-5], ids[-9]})
+    in_pool = set(corpus.object_ids)
+    tab = ctx.storage.read_table(ctx.paths.triplets).to_pylist()
+    assert len(tab) >= 1_500
+    assert all({t["anchor_id"], t["positive_id"], t["negative_id"]} <= in_pool for t in tab)
+    assert (outside, ids[-5], ids[-9]) in {(t["anchor_id"], t["positive_id"], t["negative_id"]) for t in tab}
+    assert {t["anchor_id"].split(":")[0] for t in tab} == {"a", "b", "c"}  # every collection mined
+    assert all(len({x.split(":")[0] for x in (t["anchor_id"], t["positive_id"], t["negative_id"])}) == 1
+               for t in tab)
+    report = json.loads((tmp_path / "triplets" / "_report.json").read_text())
+    assert report["pool"]["line"] == f"pool: {pool['objects']} of 4000 records (sampled per collection)"
+    assert f"pool: {pool['objects']} of 4000 records (sampled per collection)" in capsys.readouterr().out
+
+
+MEMORY_CHILD = r"""
+import json, os, sys, tracemalloc
+import pyarrow as pa
+from artsim.config import config_from_dict
+from artsim.runtime import RunContext
+root, mode = sys.argv[1:3]
+ctx = RunContext(config_from_dict({"run": {"root": root}, "mine": {
+    "num_triplets": 2000, "max_objects": 1000, "strategies": {"shared_terms": 1}}}))
+from artsim.similarity.mine import run_mine
+if mode == "run_mine":
+    run_mine(ctx)  # warm-up: the modules the stage imports lazily are not what is measured
+proxy = pa.proxy_memory_pool(pa.default_memory_pool())
+pa.set_memory_pool(proxy)  # counts what Arrow allocates from here on (Parquet reads included)
+tracemalloc.start()  # numpy reports its buffers to tracemalloc; Python objects are traced anyway
+if mode == "run_mine":
+    out = run_mine(ctx)["pool"]["objects"]
+else:  # the whole table as Python dicts, as the mine stage read records/ before the pool
+    out = len(ctx.storage.read_table(ctx.paths.records).to_pylist())
+print("RESULT " + json.dumps({"objects": out, "traced_peak": tracemalloc.get_traced_memory()[1],
+                              "arrow_peak": proxy.max_memory()}), flush=True)
+os._exit(0)  # skip teardown: Arrow buffers may outlive the proxy pool
+"""
+
+
+def test_mine_driver_memory_follows_the_pool_not_records(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+
+    from artsim.schema import RECORDS_SCHEMA
+    from artsim.storage import join
+
+    n, files = 80_000, 4
+    rng = np.random.default_rng(0)
+    ctx = _ctx(tmp_path)
+    per = n // files
+    with ctx.storage.atomic_dir(ctx.paths.records) as staging:
+        for f in range(files):
+            lo = f * per
+            cols = {"object_id": pa.array([f"{'ab'[i % 2]}:{i}" for i in range(lo, lo + per)]),
+                    "collection": pa.array(["ab"[i % 2] for i in range(lo, lo + per)]),
+                    "title": pa.array([f"Work {i}" for i in range(lo, lo + per)]),
+                    "subjects": pa.array([[f"s{int(x)}"] for x in rng.integers(0, 50, per)]),
+                    # a long description per work: 80,000 x 1 kB = 80 MB of text that the pool never holds
+                    "description": pa.array(["lorem ipsum dolor sit amet " * 37] * per)}
+            tab = pa.table([cols[fl.name] if fl.name in cols else pa.nulls(per, fl.type) for fl in RECORDS_SCHEMA],
+                           schema=RECORDS_SCHEMA)
+            ctx.storage.write_parquet_file(tab, join(staging, f"part-{f:05d}.parquet"))
+    text_bytes = n * len("lorem ipsum dolor sit amet " * 37)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def peaks(mode):
+        proc = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(tmp_path), mode], capture_output=True,
+                              text=True, env=dict(os.environ, PYTHONPATH=repo), cwd=repo, timeout=600)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return json.loads(lines[-1][len("RESULT "):])
+
+    pooled = peaks("run_mine")
+    assert pooled["objects"] == 1000
+    cap = text_bytes // 4
+    assert pooled["traced_peak"] < cap and pooled["arrow_peak"] < cap, pooled
+    whole = peaks("whole_table")  # the same measure sees the descriptions when they are all read
+    assert whole["objects"] == n and whole["traced_peak"] > text_bytes, whole
+    print(f"driver peaks, MiB: pool numpy/Python {pooled['traced_peak'] / 2**20:.1f}, Arrow "
+          f"{pooled['arrow_peak'] / 2**20:.1f}; whole table {whole['traced_peak'] / 2**20:.1f}, "
+          f"{whole['arrow_peak'] / 2**20:.1f}; descriptions {text_bytes / 2**20:.1f}")

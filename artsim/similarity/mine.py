@@ -5,6 +5,10 @@ weight, runs the strategies (per collection when mine.same_collection), de-dupli
 from strategies that still have triplets to give when others run dry, and reports what it did. ``run_mine`` reads
 the inputs through Storage, prints progress and the per-strategy table, and writes ``triplets/`` (Parquet:
 anchor_id, positive_id, negative_id, reason, strategy) with ``triplets/_report.json`` inside it, atomically.
+
+Mining works on a pool of at most mine.max_objects objects (``artsim.similarity.corpus.read_pool``: a per-collection
+hash sample of records/, plus every object a curator annotation names), so the driver's memory and the text
+encoding time follow the pool, not the size of records/.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import pyarrow as pa
 from artsim.config import MineConfig
 from artsim.console import say, table
 from artsim.errors import ArtsimError, ConfigError
-from artsim.similarity.corpus import MiningCorpus, corpus_from_records
+from artsim.similarity.corpus import MiningCorpus, dataset_files, read_pool
 from artsim.similarity.strategies import (
     STRATEGIES, Annotation, Triplet, mine_annotations, mine_hard_negatives, mine_same_creator, mine_shared_terms,
     mine_text, text_neighbourhoods,
@@ -256,24 +260,51 @@ def parse_annotations_csv(text: str, source: str = "mine.annotations") -> list[A
     return rows
 
 
-def load_embedding_matrix(storage, uri: str, columns=("object_id", "embedding")) -> tuple[list[str], np.ndarray]:
-    """embeddings/<key>/ -> (object_ids, float32 (N, d) matrix). Rows are re-normalised (float16 storage)."""
-    tab = storage.read_table(uri, columns=list(columns))
-    ids = tab.column("object_id").to_pylist()
-    col = tab.column("embedding").combine_chunks()
-    if len(ids) == 0:
-        return [], np.zeros((0, 0), np.float32)
+def _embedding_values(uri: str, ids_count: int, col) -> np.ndarray:
+    """An Arrow list / fixed-size-list column of ``ids_count`` rows -> float32 (rows, d) (not normalised)."""
     if pa.types.is_fixed_size_list(col.type):
         dim = col.type.list_size
         values = col.flatten().to_numpy(zero_copy_only=False)
     elif pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
         values = col.flatten().to_numpy(zero_copy_only=False)
-        dim = len(values) // len(ids)
-        if dim * len(ids) != len(values):
+        dim = len(values) // ids_count
+        if dim * ids_count != len(values):
             raise ArtsimError(f"{uri}: embeddings have different lengths")
     else:
         raise ArtsimError(f"{uri}: column 'embedding' is {col.type}, expected a list of floats")
-    matrix = np.asarray(values, dtype=np.float32).reshape(len(ids), dim)
+    return np.asarray(values, dtype=np.float32).reshape(ids_count, dim)
+
+
+def load_embedding_matrix(storage, uri: str, columns=("object_id", "embedding"),
+                          keep=None) -> tuple[list[str], np.ndarray]:
+    """embeddings/<key>/ -> (object_ids, float32 (N, d) matrix). Rows are re-normalised (float16 storage).
+
+    ``keep`` (a collection of object ids, e.g. the mining pool): only those rows, read in streamed batches, so
+    the driver never holds the embeddings of a whole aggregator.
+    """
+    if keep is None:
+        tab = storage.read_table(uri, columns=list(columns))
+        ids = tab.column("object_id").to_pylist()
+        if len(ids) == 0:
+            return [], np.zeros((0, 0), np.float32)
+        matrix = _embedding_values(uri, len(ids), tab.column("embedding").combine_chunks())
+    else:
+        import pyarrow.compute as pc
+
+        from artsim.similarity.corpus import dataset_files, stream_batches
+
+        wanted = pa.array(sorted(keep), pa.string())
+        ids, parts = [], []
+        for _, batch in stream_batches(storage, dataset_files(storage, uri), list(columns)):
+            batch = batch.filter(pc.fill_null(pc.is_in(batch.column(0), value_set=wanted), False))
+            if batch.num_rows:
+                ids.extend(batch.column(0).to_pylist())
+                parts.append(_embedding_values(uri, batch.num_rows, batch.column(1)))
+        if not ids:
+            return [], np.zeros((0, 0), np.float32)
+        if len({p.shape[1] for p in parts}) > 1:
+            raise ArtsimError(f"{uri}: embeddings have different lengths")
+        matrix = np.concatenate(parts)
     if not np.isfinite(matrix).all():
         raise ArtsimError(f"{uri}: embeddings contain NaN or infinite values")
     norms = np.linalg.norm(matrix, axis=1, keepdims=True)
@@ -295,13 +326,25 @@ def run_mine(ctx, **_options) -> dict:
     cfg: MineConfig = ctx.config.mine
     storage, paths = ctx.storage, ctx.paths
     started = time.perf_counter()
-    records = storage.read_table(paths.records).to_pylist()
-    corpus = corpus_from_records(records, cfg.term_fields)
+    files = dataset_files(storage, paths.records)
+    inputs = MiningInputs()
+    wanted = {k for k, w in cfg.strategies.items() if w > 0}
+    if "annotations" in wanted and cfg.annotations:
+        if not storage.exists(cfg.annotations):
+            raise ConfigError("mine.annotations", f"{cfg.annotations}: file not found")
+        inputs.annotations = parse_annotations_csv(storage.read_text(cfg.annotations))
+        say(f"mine: {len(inputs.annotations)} curator annotation rows from {cfg.annotations}")
+    annotated = {x for r in inputs.annotations or [] for x in [r.anchor, *r.similar, *r.dissimilar]}
+    try:
+        corpus, pool = read_pool(storage, paths.records, cfg.max_objects, cfg.seed, cfg.term_fields,
+                                 always=annotated, files=files)
+    except ValueError as e:  # more collections than max_objects
+        raise ConfigError("mine.max_objects", str(e)) from None
+    say(f"mine: {pool.line}" + (f", {pool.annotated_added} added for curator annotations"
+                                if pool.annotated_added else ""))
     say(f"mine: {corpus.size} objects, {len(corpus.terms)} distinct terms, {len(corpus.creator_members)} creators")
     if corpus.size < 3:
         raise ArtsimError(f"{paths.records}: {corpus.size} records; mining needs at least 3 objects")
-    inputs = MiningInputs()
-    wanted = {k for k, w in cfg.strategies.items() if w > 0}
     if "text" in wanted:
         from artsim.similarity.text import load_sentence_encoder
 
@@ -309,24 +352,22 @@ def run_mine(ctx, **_options) -> dict:
         encode = load_sentence_encoder()
         vectors = []
         batch = 2048
-        for start in range(0, corpus.size, batch):
+        for start in range(0, corpus.size, batch):  # texts encoded = pool size (mine.max_objects bounds it)
             vectors.append(encode(corpus.texts[start:start + batch]))
             if corpus.size > batch:
-                say(f"mine: text embeddings {min(start + batch, corpus.size)}/{corpus.size}")
+                done = min(start + batch, corpus.size)
+                rate = done / max(time.perf_counter() - t0, 1e-9)
+                say(f"mine: text embeddings {done}/{corpus.size} ({rate:.0f} texts/s, "
+                    f"~{(corpus.size - done) / rate:.0f} s left)")
         inputs.text_vectors = np.concatenate(vectors)
         say(f"mine: embedded {corpus.size} metadata texts in {time.perf_counter() - t0:.1f} s")
-    if "annotations" in wanted and cfg.annotations:
-        if not storage.exists(cfg.annotations):
-            raise ConfigError("mine.annotations", f"{cfg.annotations}: file not found")
-        inputs.annotations = parse_annotations_csv(storage.read_text(cfg.annotations))
-        say(f"mine: {len(inputs.annotations)} curator annotation rows from {cfg.annotations}")
     if "hard_negatives" in wanted:
         key = embeddings_key(ctx, cfg)
         inputs.image_embeddings_name = f"embeddings/{key}" if key else None
         uri = paths.embeddings(key) if key else None
         if uri and storage.is_complete(uri):
-            ids, matrix = load_embedding_matrix(storage, uri)
             index = corpus.index_of()
+            ids, matrix = load_embedding_matrix(storage, uri, keep=index)  # only the pool's rows are kept
             rows = [i for i, oid in enumerate(ids) if oid in index]
             inputs.image_vectors = matrix[rows]
             inputs.image_objects = np.array([index[ids[i]] for i in rows], dtype=np.int64)
@@ -337,6 +378,8 @@ def run_mine(ctx, **_options) -> dict:
     result = mine_triplets(corpus, cfg, inputs,
                            progress=lambda name, n: say(f"mine: {name} done, {n} triplets so far"))
     triplets, report = result.triplets, result.report
+    report["pool"] = pool.as_dict()
+    report["pool"]["line"] = pool.line
     tab = pa.table({
         "anchor_id": [t.anchor_id for t in triplets], "positive_id": [t.positive_id for t in triplets],
         "negative_id": [t.negative_id for t in triplets], "reason": [t.reason for t in triplets],
@@ -355,10 +398,10 @@ def run_mine(ctx, **_options) -> dict:
     if not report["complete"]:
         say(f"mine: NOTE {report['note']}")
     say(f"mine: wrote {report['mined']} triplets over {report['objects_used']} objects to {paths.triplets} "
-        f"in {report['seconds_total']:.1f} s")
+        f"in {report['seconds_total']:.1f} s ({pool.line})")
     return {"triplets": report["mined"], "requested": cfg.num_triplets, "complete": report["complete"],
             "by_strategy": {k: v["mined"] for k, v in report["strategies"].items()},
-            "output": paths.triplets, "seconds": report["seconds_total"]}
+            "output": paths.triplets, "seconds": report["seconds_total"], "pool": pool.as_dict()}
 
 
 __all__ = ["STRATEGIES", "MiningInputs", "MiningResult", "allocate", "mine_triplets", "parse_annotations_csv",
