@@ -552,3 +552,35 @@ def test_mine_driver_memory_follows_the_pool_not_records(tmp_path):
     print(f"driver peaks, MiB: pool numpy/Python {pooled['traced_peak'] / 2**20:.1f}, Arrow "
           f"{pooled['arrow_peak'] / 2**20:.1f}; whole table {whole['traced_peak'] / 2**20:.1f}, "
           f"{whole['arrow_peak'] / 2**20:.1f}; descriptions {text_bytes / 2**20:.1f}")
+
+
+def test_embedding_batches_stream_only_the_kept_rows_normalised(tmp_path):
+    import pyarrow as pa
+
+    from artsim.similarity.mine import iter_embedding_batches, load_embedding_matrix
+    from artsim.storage import Storage
+
+    storage = Storage()
+    uri = str(tmp_path / "emb")
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(1000, 8)).astype(np.float16)
+    ids = [f"c:{i}" for i in range(1000)]
+    table = pa.table({"object_id": ids, "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), 8)})
+    storage.write_table(table, uri, rows_per_file=300)  # 4 files: batches cross file boundaries
+    keep = {f"c:{i}" for i in range(0, 1000, 7)}
+    batches = list(iter_embedding_batches(storage, uri, keep=keep, batch_rows=64))
+    assert all(len(b_ids) <= 64 for b_ids, _ in batches)
+    got_ids = [i for b_ids, _ in batches for i in b_ids]
+    assert got_ids == sorted(keep, key=lambda o: int(o.split(":")[1]))  # file order, only the kept rows
+    got = np.concatenate([m for _, m in batches])
+    want = vectors[[int(o.split(":")[1]) for o in got_ids]].astype(np.float32)
+    want /= np.linalg.norm(want, axis=1, keepdims=True)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    all_ids, matrix = load_embedding_matrix(storage, uri)
+    assert all_ids == ids and matrix.shape == (1000, 8)
+
+    bad = table.set_column(1, "embedding", pa.FixedSizeListArray.from_arrays(
+        pa.array(np.where(np.arange(8000) == 4100, np.nan, vectors.ravel().astype(np.float32))), 8))
+    storage.write_table(bad, str(tmp_path / "bad"))
+    with pytest.raises(ArtsimError, match="NaN or infinite"):
+        load_embedding_matrix(storage, str(tmp_path / "bad"))

@@ -275,40 +275,43 @@ def _embedding_values(uri: str, ids_count: int, col) -> np.ndarray:
     return np.asarray(values, dtype=np.float32).reshape(ids_count, dim)
 
 
-def load_embedding_matrix(storage, uri: str, columns=("object_id", "embedding"),
-                          keep=None) -> tuple[list[str], np.ndarray]:
-    """embeddings/<key>/ -> (object_ids, float32 (N, d) matrix). Rows are re-normalised (float16 storage).
+def iter_embedding_batches(storage, uri: str, keep=None, batch_rows: int = 65_536):
+    """embeddings/<key>/ streamed: (object_ids, float32 (rows, d) unit rows) per batch, only the ``keep`` ids when
+    given. Rows are re-normalised (float16 storage); NaN / infinite values are an error. Memory: one batch."""
+    import pyarrow.compute as pc
 
-    ``keep`` (a collection of object ids, e.g. the mining pool): only those rows, read in streamed batches, so
-    the driver never holds the embeddings of a whole aggregator.
-    """
-    if keep is None:
-        tab = storage.read_table(uri, columns=list(columns))
-        ids = tab.column("object_id").to_pylist()
-        if len(ids) == 0:
-            return [], np.zeros((0, 0), np.float32)
-        matrix = _embedding_values(uri, len(ids), tab.column("embedding").combine_chunks())
-    else:
-        import pyarrow.compute as pc
+    from artsim.similarity.corpus import dataset_files, stream_batches
 
-        from artsim.similarity.corpus import dataset_files, stream_batches
-
-        wanted = pa.array(sorted(keep), pa.string())
-        ids, parts = [], []
-        for _, batch in stream_batches(storage, dataset_files(storage, uri), list(columns)):
+    wanted = None if keep is None else pa.array(sorted(keep), pa.string())
+    dim = None
+    for _, batch in stream_batches(storage, dataset_files(storage, uri), ["object_id", "embedding"], batch_rows):
+        if wanted is not None:
             batch = batch.filter(pc.fill_null(pc.is_in(batch.column(0), value_set=wanted), False))
-            if batch.num_rows:
-                ids.extend(batch.column(0).to_pylist())
-                parts.append(_embedding_values(uri, batch.num_rows, batch.column(1)))
-        if not ids:
-            return [], np.zeros((0, 0), np.float32)
-        if len({p.shape[1] for p in parts}) > 1:
+        if not batch.num_rows:
+            continue
+        matrix = _embedding_values(uri, batch.num_rows, batch.column(1))
+        if dim is not None and matrix.shape[1] != dim:
             raise ArtsimError(f"{uri}: embeddings have different lengths")
-        matrix = np.concatenate(parts)
-    if not np.isfinite(matrix).all():
-        raise ArtsimError(f"{uri}: embeddings contain NaN or infinite values")
-    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-    return ids, matrix / np.maximum(norms, 1e-12)
+        dim = matrix.shape[1]
+        if not np.isfinite(matrix).all():
+            raise ArtsimError(f"{uri}: embeddings contain NaN or infinite values")
+        norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+        yield batch.column(0).to_pylist(), matrix / np.maximum(norms, 1e-12)
+
+
+def load_embedding_matrix(storage, uri: str, keep=None) -> tuple[list[str], np.ndarray]:
+    """embeddings/<key>/ -> (object_ids, float32 (N, d) unit rows).
+
+    ``keep`` (a collection of object ids, e.g. the mining pool or the objects triplets name): only those rows, read
+    in streamed batches, so the driver never holds the embeddings of a whole aggregator.
+    """
+    ids, parts = [], []
+    for batch_ids, matrix in iter_embedding_batches(storage, uri, keep):
+        ids.extend(batch_ids)
+        parts.append(matrix)
+    if not ids:
+        return [], np.zeros((0, 0), np.float32)
+    return ids, np.concatenate(parts)
 
 
 def embeddings_key(ctx, cfg: MineConfig) -> Optional[str]:

@@ -61,7 +61,12 @@ def load_head_inputs(ctx, cfg: TrainConfig, triplets: dict):
     if not ctx.storage.is_complete(uri):
         raise ArtsimError(f"{uri}: no complete embeddings (run the embed stage with the same embed section, or "
                           "set train.embeddings)")
-    ids, matrix = load_embedding_matrix(ctx.storage, uri)
+    # Only the objects the triplets name (at most mine.max_objects and the curators' annotations), streamed: the
+    # driver never holds the embeddings of the whole collection.
+    needed = set(triplets["anchor_id"]) | set(triplets["positive_id"]) | set(triplets["negative_id"])
+    ids, matrix = load_embedding_matrix(ctx.storage, uri, keep=needed)
+    if not ids:
+        raise ArtsimError(f"{uri}: none of the {len(needed)} objects the triplets name has an embedding there")
     if matrix.shape[1] != embedder.spec.feature_dim:
         raise ArtsimError(f"{uri}: embeddings have {matrix.shape[1]} dimensions but {embedder.spec.backbone} "
                           f"gives {embedder.spec.feature_dim}; they come from another model")
@@ -231,7 +236,7 @@ def write_projected_embeddings(ctx, export_uri: str, source_uri: str, batch_rows
 
     from artsim.embed.artifact import build_head, load_artifact, model_description, model_key
     from artsim.embed.ray_embed import EmbeddingWriter
-    from artsim.similarity.mine import load_embedding_matrix
+    from artsim.similarity.mine import iter_embedding_batches
 
     embed_cfg = dataclasses.replace(ctx.config.embed, weights=export_uri)
     spec, _, head_state, weights_id = load_artifact(ctx.storage, export_uri)
@@ -240,14 +245,12 @@ def write_projected_embeddings(ctx, export_uri: str, source_uri: str, batch_rows
     head.eval()
     key = model_key(embed_cfg)
     out_uri = ctx.paths.embeddings(key)
-    ids, matrix = load_embedding_matrix(ctx.storage, source_uri)
     with ctx.storage.atomic_dir(out_uri) as staging:
         writer = EmbeddingWriter(ctx.storage, staging, key, spec.output_dim, embed_cfg.dtype)
-        with torch.no_grad():
-            for start in range(0, len(ids), batch_rows):
-                vectors = head(torch.from_numpy(np.ascontiguousarray(matrix[start:start + batch_rows])))
+        with torch.no_grad():  # streamed batch by batch: memory is one batch whatever the collection size
+            for part, matrix in iter_embedding_batches(ctx.storage, source_uri, batch_rows=batch_rows):
+                vectors = head(torch.from_numpy(np.ascontiguousarray(matrix)))
                 vectors = torch.nn.functional.normalize(vectors, dim=1).numpy()
-                part = ids[start:start + batch_rows]
                 writer.add(part, vectors, [None] * len(part))
         writer.close()
         ctx.storage.write_json(join(staging, "_model.json"),
