@@ -321,3 +321,18 @@ def test_train_without_inputs_is_a_clear_error(tmp_path):
     ctx = RunContext(config_from_dict({"run": {"root": str(tmp_path)}, "embed": {"model": "resnet18"}}))
     with pytest.raises(ArtsimError, match="triplets"):
         run_train(ctx)
+
+
+def test_finetune_reads_only_the_ok_images_the_triplets_name(tmp_path):
+    from artsim.schema import IMAGES_SCHEMA
+    from artsim.similarity.train import _read_images
+    from artsim.storage import Storage
+
+    storage = Storage()
+    rows = [{"object_id": f"c:{i}", "status": "ok" if i % 3 else "not_found", "http_status": 200, "error": None,
+             "url_final": None, "width": 1, "height": 1, "sha256": None, "image": b"img%d" % i if i % 3 else None}
+            for i in range(600)]
+    storage.write_table(pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA), str(tmp_path / "images"), rows_per_file=250)
+    needed = {"c:1", "c:3", "c:599", "c:500", "x:9"}  # c:3 failed to download, x:9 does not exist
+    assert _read_images(storage, str(tmp_path / "images"), needed) == {"c:1": b"img1", "c:599": b"img599",
+                                                                      "c:500": b"img500"}

@@ -18,6 +18,7 @@ import os
 import time
 
 import numpy as np
+import pyarrow as pa
 
 from artsim.config import TrainConfig
 from artsim.console import say, table
@@ -77,16 +78,32 @@ def load_head_inputs(ctx, cfg: TrainConfig, triplets: dict):
     return embedder.spec, data, {"data": data, "features": features}, uri
 
 
+def _read_images(storage, images_uri: str, needed: set) -> dict:
+    """object_id -> image bytes of the ``ok`` rows of images/ that ``needed`` names, streamed in small batches: the
+    driver holds the images training uses, never the whole images/ of the collection."""
+    import pyarrow.compute as pc
+
+    from artsim.similarity.corpus import dataset_files, stream_batches
+
+    wanted = pa.array(sorted(needed), pa.string())
+    images = {}
+    for _, batch in stream_batches(storage, dataset_files(storage, images_uri), ["object_id", "status", "image"],
+                                   batch_rows=256):
+        names = batch.schema.names
+        mask = pc.and_(pc.equal(batch.column(names.index("status")), "ok"),
+                       pc.is_in(batch.column(names.index("object_id")), value_set=wanted))
+        for row in batch.filter(pc.fill_null(mask, False)).to_pylist():
+            if row["image"] and row["object_id"] not in images:
+                images[row["object_id"]] = row["image"]
+    return images
+
+
 def load_finetune_inputs(ctx, cfg: TrainConfig, triplets: dict):
     from artsim.embed.artifact import build_embedder
 
     embedder = build_embedder(ctx.config.embed, ctx.storage)
     needed = set(triplets["anchor_id"]) | set(triplets["positive_id"]) | set(triplets["negative_id"])
-    tab = ctx.storage.read_table(ctx.paths.images, columns=["object_id", "status", "image"])
-    images = {}
-    for oid, status, image in zip(*(tab.column(c).to_pylist() for c in ("object_id", "status", "image"))):
-        if status == "ok" and image and oid in needed:
-            images[oid] = image
+    images = _read_images(ctx.storage, ctx.paths.images, needed)
     data = prepare_training_data(triplets["anchor_id"], triplets["positive_id"], triplets["negative_id"],
                                  triplets["reason"], set(images), cfg.validation_fraction, cfg.seed)
     # Bad image bytes must not kill a worker: check that each decodes here (a status, not a crash).
