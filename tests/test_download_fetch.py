@@ -533,3 +533,27 @@ def test_unreachable_limiter_fails_the_shard_instead_of_inventing_statuses():
     record = {**empty_record(), "object_id": "t:1", "image_url": "http://127.0.0.1:9/a.jpg"}
     with pytest.raises(LimiterUnavailable):
         fetcher.fetch_record(record)
+
+
+def test_a_shard_task_run_again_after_its_commit_fetches_nothing(tmp_path):
+    """Ray re-runs a task whose worker died after committing (the node went away before the result reached the
+    driver): the committed file holds exactly the shard's records, so the servers are not asked twice."""
+    image = jpeg(300, 200)
+    with MisbehavingServer() as srv:
+        rows = []
+        for i in range(6):
+            srv.add(f"/{i}.jpg", httpd.ok(image) if i != 4 else httpd.status(404))
+            rows.append({**empty_record(), "object_id": f"t:{i}", "collection": "t", "image_url": srv.url(f"/{i}.jpg"),
+                         "license": "CC0"})
+        fetcher, _ = make_fetcher(respect_robots_txt=False)
+        storage, images = Storage(), str(tmp_path / "images")
+        plan = plan_shards(records_table(rows), read_committed(storage, images), shard_size=10, retry_failed=False,
+                           retry_statuses=("http_error", "timeout"))
+        (task,) = plan.tasks
+        first = process_shard(task, fetcher, storage, images, threads=4)
+        hits = dict(srv.hits)
+        again = process_shard(ShardTask.from_json(task.to_json()), fetcher, storage, images, threads=4)
+        assert srv.hits == hits  # nothing requested the second time
+        assert again["already_committed"] and again["records"] == first["records"] == 6
+        assert again["status"] == first["status"] == {"ok": 5, "not_found": 1}
+        assert read_committed(storage, images).num_rows == 6  # still every record once

@@ -234,3 +234,51 @@ def test_deferred_releases_reach_the_limiter_and_failures_go_at_once(ray_session
     finally:
         for actor in limiters:
             ray.kill(actor)
+
+
+def _crowd(waiters: int, connections: int, hold_s: float, wait_limit_s: float = 30.0):
+    """``waiters`` concurrent acquires for one host on the limiter actor's class (plain asyncio, no Ray): each holds
+    its lease for ``hold_s`` and releases it. Returns (grant order, results, the host's snapshot)."""
+    import asyncio
+
+    from artsim.download.ray_job import HostLimiterActorImpl
+
+    limiter = HostLimiterActorImpl(connections, 100_000.0, breaker_failures=5, breaker_cooldown_s=60, lease_s=120)
+    order: list[int] = []
+
+    async def one(i: int):
+        await asyncio.sleep(i * 1e-4)  # arrive in index order
+        lease, reason = await limiter.acquire("hot.example", wait_limit_s)
+        if lease is None:
+            return reason
+        order.append(i)
+        await asyncio.sleep(hold_s)
+        await limiter.release("hot.example", lease, "ok")
+        return "ok"
+
+    async def main():
+        return await asyncio.gather(*(one(i) for i in range(waiters)))
+
+    results = asyncio.run(main())
+    return order, results, asyncio.run(limiter.snapshot())["hot.example"]
+
+
+def test_limiter_queue_timeout_and_pause_still_reach_queued_waiters():
+    import asyncio
+
+    from artsim.download.ray_job import HostLimiterActorImpl
+
+    # Waiters that run out of time leave the queue with queue_timeout; the ones behind them still get served.
+    order, results, snap = _crowd(waiters=20, connections=1, hold_s=0.05, wait_limit_s=0.3)
+    assert "queue_timeout" in results and results[:3] == ["ok"] * 3
+    assert snap["requests"] == results.count("ok") and snap["max_active"] == 1
+
+    async def breaker():
+        limiter = HostLimiterActorImpl(1, 100_000.0, breaker_failures=1, breaker_cooldown_s=60, lease_s=120)
+        lease, _ = await limiter.acquire("h", 5)
+        queued = [asyncio.create_task(limiter.acquire("h", 5)) for _ in range(5)]
+        await asyncio.sleep(0.05)
+        await limiter.release("h", lease, "server_error")  # opens the breaker: every queued request gives up
+        return await asyncio.wait_for(asyncio.gather(*queued), timeout=2)
+
+    assert asyncio.run(breaker()) == [(None, "paused")] * 5

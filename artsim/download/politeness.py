@@ -41,6 +41,7 @@ class HostState:
     leases: dict[int, float] = field(default_factory=dict)  # lease id -> expiry
     requests: int = 0
     max_active: int = 0
+    attempts: int = 0  # try_acquire calls: what the limiter spends per request (a thundering herd shows here)
 
 
 class HostBook:
@@ -74,6 +75,7 @@ class HostBook:
         The reason is "paused" when the circuit breaker is open: callers give up instead of waiting.
         """
         state = self._state(host)
+        state.attempts += 1
         self._expire(state, now)
         if state.open_until > now:
             return None, state.open_until - now, "paused"
@@ -127,7 +129,7 @@ class HostBook:
 
     def snapshot(self) -> dict:
         return {host: {"requests": s.requests, "max_active": s.max_active, "times_paused": s.times_opened,
-                       "consecutive_failures": s.consecutive_failures}
+                       "consecutive_failures": s.consecutive_failures, "attempts": s.attempts}
                 for host, s in self.hosts.items()}
 
 

@@ -159,11 +159,16 @@ def result_row(r: FetchResult) -> dict:
 def process_shard(task: ShardTask, fetcher: Fetcher, storage: Storage, images_uri: str, threads: int) -> dict:
     """Fetch a shard's records with a thread pool, then commit the shard file atomically. Returns its summary."""
     start = time.perf_counter()
+    uri = join(images_uri, task.shard_id + ".parquet")
+    if not task.replace and storage.exists(uri):
+        # Ray ran this task again after its first attempt had committed (the worker's node went away between the
+        # commit and the task's result reaching the driver). The name is a digest of the shard's object ids, so
+        # the file holds exactly these records: fetching them again would only hit the servers twice.
+        return committed_summary(storage, uri, task, time.perf_counter() - start)
     records = interleave_by_host(task.records)
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(records)))) as pool:
         results = list(pool.map(fetcher.fetch_record, records))
     table = pa.Table.from_pylist([result_row(r) for r in results], schema=OUTPUT_SCHEMA)
-    uri = join(images_uri, task.shard_id + ".parquet")
     if task.replace and storage.exists(uri):
         old = storage.read_table(uri)
         refetched = pa.array([r["object_id"] for r in records], pa.string())
@@ -173,6 +178,14 @@ def process_shard(task: ShardTask, fetcher: Fetcher, storage: Storage, images_ur
         table = pa.concat_tables([keep.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA), table])
     storage.write_parquet_file(table, uri)  # the commit: one atomic write
     return summarize(results, task.shard_id, time.perf_counter() - start)
+
+
+def committed_summary(storage: Storage, uri: str, task: ShardTask, elapsed_s: float) -> dict:
+    """The summary of a shard that an earlier attempt of the same task committed (nothing fetched now)."""
+    statuses = storage.read_table(uri, columns=["status"]).column("status").to_pylist()
+    return {"shard_id": task.shard_id, "records": len(statuses), "status": dict(Counter(statuses)), "hosts": {},
+            "bytes_downloaded": 0, "bytes_written": 0, "requests": 0, "elapsed_s": elapsed_s,
+            "already_committed": True}
 
 
 def summarize(results: list[FetchResult], shard_id: str, elapsed_s: float) -> dict:
