@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import io
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -22,7 +22,6 @@ from artsim.errors import ArtsimError
 
 _THUMB = 96  # px, longest side of embedded thumbnails
 _SAMPLE_SEED = 0  # part of the sample hash: the same run directory always gives the same sample
-_BATCH_ROWS = 65_536  # rows per streamed batch of ids / records / links
 _VECTOR_BATCH_ROWS = 4_096  # rows per streamed batch of embeddings (a 2048-d float32 batch is 32 MiB)
 _RECORD_COLUMNS = ["object_id", "collection", "title", "creator", "date", "culture", "object_type", "landing_url",
                    "medium", "description", "subjects", "concepts"]  # shown, or used by the curator sections
@@ -58,7 +57,7 @@ def report_sample(ctx, max_works: int) -> tuple[Optional[str], Sample]:
     if not ctx.storage.is_complete(uri):  # index.embeddings names a directory that is not written (yet)
         return None, Sample()
     files, dim = [], None
-    for file_uri in dataset_files(ctx.storage, uri):
+    for file_uri in ctx.storage.dataset_files(uri):
         meta, schema = _footer(ctx.storage, file_uri)
         for column in ("object_id", "embedding"):
             if column not in schema.names:
@@ -83,7 +82,7 @@ def plan_sample(storage, files: list, max_works: int, seed: int = _SAMPLE_SEED) 
     pools: dict[str, _Pool] = {}
     position = 0
     for file_uri, _ in files:
-        for batch in _iter_batches(storage, file_uri, ["object_id"]):
+        for batch in storage.iter_batches(file_uri, ["object_id"]):
             ids = batch.column(0)
             rows = position + np.arange(len(ids), dtype=np.int64)
             position += len(ids)
@@ -262,8 +261,8 @@ def strongest_links(storage, links_uri: str, n: int) -> list[str]:
     best_rows = np.zeros(0, np.int64)
     best_ids = np.zeros(0, object)
     position = 0
-    for file_uri in dataset_files(storage, links_uri):
-        for batch in _iter_batches(storage, file_uri, ["object_id", "rank", "score"]):
+    for file_uri in storage.dataset_files(links_uri):
+        for batch in storage.iter_batches(file_uri, ["object_id", "rank", "score"]):
             top = np.flatnonzero(pc.fill_null(pc.equal(batch.column("rank"), 1), False).to_numpy(
                 zero_copy_only=False))
             if len(top):
@@ -301,8 +300,8 @@ def count_and_select_records(storage, records_uri: str, object_ids: set) -> Reco
 def _select(storage, uri, object_ids, columns, count_column=None) -> tuple[pa.Table, dict]:
     value_set = pa.array(sorted(object_ids), pa.string())
     kept, counts, schema = [], {}, None
-    for file_uri in dataset_files(storage, uri):
-        for batch in _iter_batches(storage, file_uri, columns):
+    for file_uri in storage.dataset_files(uri):
+        for batch in storage.iter_batches(file_uri, columns):
             schema = schema or batch.schema
             if count_column is not None:
                 for item in pc.value_counts(batch.column(count_column)).to_pylist():
@@ -318,22 +317,6 @@ def _select(storage, uri, object_ids, columns, count_column=None) -> tuple[pa.Ta
     return table, counts
 
 
-def dataset_files(storage, uri: str) -> list[str]:
-    """The Parquet files of a complete dataset directory (name order), or the file itself; like read_table, a
-    missing or incomplete directory is an error."""
-    import pyarrow.fs as pafs
-
-    fs, path = storage.arrow_fs(uri)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
-        raise ArtsimError(f"{uri}: not found (has the stage that writes it run?)")
-    if info.type == pafs.FileType.File:
-        return [uri]
-    if not storage.is_complete(uri):
-        raise ArtsimError(f"{uri}: incomplete output (no _SUCCESS marker); re-run the stage that writes it")
-    return sorted(storage.parquet_files(uri))
-
-
 def _footer(storage, file_uri: str):
     import pyarrow.parquet as pq
 
@@ -341,19 +324,6 @@ def _footer(storage, file_uri: str):
     with fs.open_input_file(path) as handle:
         meta = pq.ParquetFile(handle).metadata
         return meta, meta.schema.to_arrow_schema()
-
-
-def _iter_batches(storage, file_uri: str, columns: Optional[list[str]], batch_rows: int = _BATCH_ROWS
-                  ) -> Iterator[pa.RecordBatch]:
-    """Record batches of one Parquet file, only ``columns`` (those of them it has; all when None)."""
-    import pyarrow.parquet as pq
-
-    fs, path = storage.arrow_fs(file_uri)
-    with fs.open_input_file(path) as handle:
-        parquet = pq.ParquetFile(handle, buffer_size=1 << 20)
-        names = parquet.schema_arrow.names
-        cols = None if columns is None else [c for c in columns if c in names]
-        yield from parquet.iter_batches(batch_size=batch_rows, columns=cols)
 
 
 def thumbnails(storage, images_uri: str, wanted: set[str]) -> dict[str, str]:
@@ -365,7 +335,7 @@ def thumbnails(storage, images_uri: str, wanted: set[str]) -> dict[str, str]:
         return out
     value_set = pa.array(sorted(wanted), pa.string())
     for part in storage.parquet_files(images_uri):
-        for batch in _iter_batches(storage, part, ["object_id", "status", "image"], batch_rows=256):
+        for batch in storage.iter_batches(part, ["object_id", "status", "image"], batch_rows=256):
             mask = pc.and_(pc.equal(batch.column("status"), "ok"),
                            pc.is_in(batch.column("object_id"), value_set=value_set))
             for row in batch.filter(pc.fill_null(mask, False)).to_pylist():

@@ -238,6 +238,30 @@ class Storage:
         """URIs of the Parquet files of a dataset directory, sorted."""
         return [join(uri, n) for n in self.list(uri) if n.endswith(".parquet") and not n.startswith((".", "_"))]
 
+    def dataset_files(self, uri: str) -> list[str]:
+        """The Parquet files of a complete dataset directory (name order), or the file itself; like read_table, a
+        missing or incomplete directory is an error. With iter_batches: how stages stream an input of any size."""
+        fs, path = self.arrow_fs(uri)
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise ArtsimError(f"{uri}: not found (has the stage that writes it run?)")
+        if info.type == pafs.FileType.File:
+            return [uri]
+        if not self.is_complete(uri):
+            raise ArtsimError(f"{uri}: incomplete output (no {SUCCESS} marker); re-run the stage that writes it")
+        return sorted(self.parquet_files(uri))
+
+    def iter_batches(self, file_uri: str, columns: Optional[list[str]] = None,
+                     batch_rows: int = 65_536) -> Iterator[pa.RecordBatch]:
+        """Record batches of one Parquet file, only ``columns`` (those of them it has; all when None). Pages are
+        streamed (a row group is never read whole), so memory is about one batch."""
+        fs, path = self.arrow_fs(file_uri)
+        with fs.open_input_file(path) as handle:
+            parquet = pq.ParquetFile(handle, buffer_size=1 << 20)
+            names = parquet.schema_arrow.names
+            cols = None if columns is None else [c for c in columns if c in names]
+            yield from parquet.iter_batches(batch_size=batch_rows, columns=cols)
+
 
 def _rmtree(path: str) -> None:
     import shutil

@@ -253,23 +253,6 @@ def pool_quotas(counts: dict[str, int], max_objects: int) -> dict[str, int]:
     return {c: base[c] + extra[c] for c in counts}
 
 
-def dataset_files(storage, uri: str) -> list[str]:
-    """The Parquet files of a dataset such as records/ (a complete directory, or one file), sorted."""
-    import pyarrow.fs as pafs
-
-    from artsim.errors import ArtsimError
-
-    fs, path = storage.arrow_fs(uri)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
-        raise ArtsimError(f"{uri}: not found (has the stage that writes it run?)")
-    if info.type == pafs.FileType.File:
-        return [uri]
-    if not storage.is_complete(uri):
-        raise ArtsimError(f"{uri}: incomplete output (no _SUCCESS marker); re-run the stage that writes it")
-    return sorted(storage.parquet_files(uri))
-
-
 def _num_rows(storage, file_uri: str) -> int:
     import pyarrow.parquet as pq
 
@@ -280,17 +263,11 @@ def _num_rows(storage, file_uri: str) -> int:
 
 def stream_batches(storage, files: list[str], columns: Sequence[str], batch_rows: int = ROW_BATCH_ROWS):
     """(first global row, batch) over every file in order, only the ``columns`` each file has."""
-    import pyarrow.parquet as pq
-
     first = 0
     for file_uri in files:
-        fs, path = storage.arrow_fs(file_uri)
-        with fs.open_input_file(path) as handle:
-            parquet = pq.ParquetFile(handle, buffer_size=1 << 20)  # pages streamed: a row group is not read whole
-            names = parquet.schema_arrow.names
-            for batch in parquet.iter_batches(batch_size=batch_rows, columns=[c for c in columns if c in names]):
-                yield first, batch
-                first += batch.num_rows
+        for batch in storage.iter_batches(file_uri, list(columns), batch_rows):
+            yield first, batch
+            first += batch.num_rows
 
 
 def _ids_and_collections(batch):
@@ -389,7 +366,7 @@ def read_pool(storage, uri: str, max_objects: int, seed: int, fields: Iterable[s
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    files = dataset_files(storage, uri) if files is None else files
+    files = storage.dataset_files(uri) if files is None else files
     total_rows = sum(_num_rows(storage, f) for f in files)  # from the footers: nothing is read yet
     info = PoolInfo(records=total_rows, max_objects=max_objects)
     picked: Optional[np.ndarray] = None

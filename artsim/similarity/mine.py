@@ -25,7 +25,7 @@ import pyarrow as pa
 from artsim.config import MineConfig
 from artsim.console import say, table
 from artsim.errors import ArtsimError, ConfigError
-from artsim.similarity.corpus import MiningCorpus, dataset_files, read_pool
+from artsim.similarity.corpus import MiningCorpus, read_pool
 from artsim.similarity.strategies import (
     STRATEGIES, Annotation, Triplet, mine_annotations, mine_hard_negatives, mine_same_creator, mine_shared_terms,
     mine_text, text_neighbourhoods,
@@ -280,11 +280,11 @@ def iter_embedding_batches(storage, uri: str, keep=None, batch_rows: int = 65_53
     given. Rows are re-normalised (float16 storage); NaN / infinite values are an error. Memory: one batch."""
     import pyarrow.compute as pc
 
-    from artsim.similarity.corpus import dataset_files, stream_batches
+    from artsim.similarity.corpus import stream_batches
 
     wanted = None if keep is None else pa.array(sorted(keep), pa.string())
     dim = None
-    for _, batch in stream_batches(storage, dataset_files(storage, uri), ["object_id", "embedding"], batch_rows):
+    for _, batch in stream_batches(storage, storage.dataset_files(uri), ["object_id", "embedding"], batch_rows):
         if wanted is not None:
             batch = batch.filter(pc.fill_null(pc.is_in(batch.column(0), value_set=wanted), False))
         if not batch.num_rows:
@@ -329,7 +329,7 @@ def run_mine(ctx, **_options) -> dict:
     cfg: MineConfig = ctx.config.mine
     storage, paths = ctx.storage, ctx.paths
     started = time.perf_counter()
-    files = dataset_files(storage, paths.records)
+    files = storage.dataset_files(paths.records)
     inputs = MiningInputs()
     wanted = {k for k, w in cfg.strategies.items() if w > 0}
     if "annotations" in wanted and cfg.annotations:

@@ -83,11 +83,11 @@ def _read_images(storage, images_uri: str, needed: set) -> dict:
     driver holds the images training uses, never the whole images/ of the collection."""
     import pyarrow.compute as pc
 
-    from artsim.similarity.corpus import dataset_files, stream_batches
+    from artsim.similarity.corpus import stream_batches
 
     wanted = pa.array(sorted(needed), pa.string())
     images = {}
-    for _, batch in stream_batches(storage, dataset_files(storage, images_uri), ["object_id", "status", "image"],
+    for _, batch in stream_batches(storage, storage.dataset_files(images_uri), ["object_id", "status", "image"],
                                    batch_rows=256):
         names = batch.schema.names
         mask = pc.and_(pc.equal(batch.column(names.index("status")), "ok"),
