@@ -26,15 +26,8 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from procstat import status_mib  # noqa: E402  (benchmarks/, next to this script)
 OUT = os.path.join(REPO, "benchmarks", "out", "index-memory")
-
-
-def _status_mib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def prepare(n: int, dim: int, files: int) -> str:
@@ -78,11 +71,11 @@ def build(root: str, shards: int, cpus: int) -> dict:
              runtime_env={"env_vars": {"PYTHONPATH": REPO}})
     ctx = RunContext(config_from_dict({"run": {"root": root}, "index": {"embeddings": "bench", "name": "bench",
                                                                          "num_shards": shards}}))
-    before = _status_mib("VmRSS")
+    before = status_mib("VmRSS")
     start = time.perf_counter()
     summary = run_index(ctx)
     seconds = time.perf_counter() - start
-    peak = _status_mib("VmHWM")
+    peak = status_mib("VmHWM")
     manifest = json.loads(ctx.storage.read_text(os.path.join(summary["index_uri"], "manifest.json")))
     ray.shutdown()
     steps = {k: manifest["build"].get(k) for k in ("scan_seconds", "train_seconds", "add_seconds", "tune_seconds")}

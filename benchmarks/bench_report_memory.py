@@ -33,16 +33,9 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from procstat import status_mib  # noqa: E402  (benchmarks/, next to this script)
 OUT = os.path.join(REPO, "benchmarks", "out", "report-memory")
 SHARES = {"met": 0.6, "smk": 0.25, "rijks": 0.14, "tiny": 0.01}
-
-
-def _status_mib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def prepare(n: int, dim: int, files: int) -> str:
@@ -127,11 +120,11 @@ def report(root: str, version: str, rev: str, curate: bool, max_works: int) -> d
         report_cfg["max_works"] = max_works
     ctx = RunContext(config_from_dict({"run": {"root": root}, "index": {"embeddings": "bench"},
                                        "report": report_cfg}))
-    before = _status_mib("VmRSS")
+    before = status_mib("VmRSS")
     start = time.perf_counter()
     summary = run_report(ctx)
     seconds = time.perf_counter() - start
-    peak = _status_mib("VmHWM")
+    peak = status_mib("VmHWM")
     return {"version": version, "curate": curate, "max_works": max_works if version == "new" else None,
             "sampled_works": summary.get("sampled_works"), "page_mb": round(summary["bytes"] / 1e6, 2),
             "run_report_s": round(seconds, 1), "driver_rss_before_mib": round(before, 1),

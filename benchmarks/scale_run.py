@@ -22,14 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-
-
-def vm_hwm_mib() -> float:
-    """Peak resident memory of this process (Linux), in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+from procstat import status_mib  # noqa: E402  (benchmarks/, next to this script)
 
 
 def ensure_collection(out: Path, n: int, image_size: int, collections: int) -> Path:
@@ -92,11 +85,12 @@ def main(argv=None) -> int:
 
     seconds = {name: round(s, 1) for name, s in result["seconds"].items()}  # run_pipeline's per-stage wall times
     rows = [[name, f"{s:.1f}", f"{args.n / max(s, 1e-9):.0f}"] for name, s in seconds.items()]
+    peak_mib = status_mib("VmHWM")
     say(f"scale run: {args.n} works, {args.model} at {args.crop} px, {args.num_cpus} CPUs; {total:.0f} s in all; "
-        f"driver peak RSS {vm_hwm_mib():.0f} MiB; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after")
+        f"driver peak RSS {peak_mib:.0f} MiB; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after")
     table(["stage", "seconds", "works/s"], rows)
     out = {"n": args.n, "model": args.model, "crop": args.crop, "num_cpus": args.num_cpus, "total_s": round(total, 1),
-           "stage_seconds": seconds, "driver_peak_rss_mib": round(vm_hwm_mib()), "load": [load_before, load_after]}
+           "stage_seconds": seconds, "driver_peak_rss_mib": round(peak_mib), "load": [load_before, load_after]}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     return 0
