@@ -1,4 +1,4 @@
-"""`artsim STAGE -c CONFIG [--set key.path=value ...]` and `artsim query ...` (see DESIGN.md)."""
+"""`artsim STAGE -c CONFIG [--set key.path=value ...]` and `artsim query ...` (see docs/DESIGN.md)."""
 from __future__ import annotations
 
 import argparse

@@ -169,7 +169,7 @@ class EmbedConfig:
 @dataclass
 class MineConfig:
     num_triplets: int = 10_000  # triplets wanted (LiviaAI: at least 10,000)
-    # strategy name -> weight; see artsim/similarity/strategies.py (STRATEGIES) for the list
+    # strategy name -> weight; see artsim/mine/strategies.py (STRATEGIES) for the list
     strategies: dict[str, float] = field(default_factory=lambda: {"shared_terms": 1.0, "text": 1.0})
     same_collection: bool = False  # anchor, positive and negative all from one collection
     annotations: Optional[str] = None  # CSV of curator annotations: anchor, similar[, dissimilar]
@@ -185,8 +185,8 @@ class MineConfig:
     max_objects: int = 200_000
 
     def check(self):
-        from artsim.similarity.strategies import STRATEGIES
-        from artsim.similarity.corpus import TERM_FIELDS
+        from artsim.mine.strategies import STRATEGIES
+        from artsim.mine.corpus import TERM_FIELDS
 
         if self.num_triplets < 1:
             yield "num_triplets", "must be at least 1"

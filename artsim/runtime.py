@@ -7,7 +7,8 @@ import time
 from dataclasses import dataclass, field
 
 from artsim.config import Config
-from artsim.storage import RunPaths, Storage
+from artsim.rundir.paths import RunPaths
+from artsim.storage import Storage
 
 log = logging.getLogger("artsim")
 

@@ -8,14 +8,14 @@ from typing import Callable
 from artsim.config import STAGES
 
 _ENTRYPOINTS = {
-    "ingest": "artsim.ingest:run_ingest",
-    "download": "artsim.download:run_download",
-    "embed": "artsim.embed:run_embed",
-    "mine": "artsim.similarity.mine:run_mine",
-    "train": "artsim.similarity.train:run_train",
-    "index": "artsim.index:run_index",
-    "links": "artsim.links:run_links",
-    "report": "artsim.report:run_report",
+    "ingest": "artsim.ingest.stage:run_ingest",
+    "download": "artsim.download.stage:run_download",
+    "embed": "artsim.embed.stage:run_embed",
+    "mine": "artsim.mine.stage:run_mine",
+    "train": "artsim.train.stage:run_train",
+    "index": "artsim.index.stage:run_index",
+    "links": "artsim.links.stage:run_links",
+    "report": "artsim.report.stage:run_report",
 }
 assert set(_ENTRYPOINTS) == set(STAGES)
 

@@ -164,9 +164,9 @@ def run_artsim(work: Path, urls: list[str], args, server_pid: int) -> dict:
     import ray
 
     from artsim.config import config_from_dict
-    from artsim.download import run_download
+    from artsim.download.stage import run_download
     from artsim.runtime import RunContext
-    from artsim.schema import empty_record, records_table
+    from artsim.rundir.schema import empty_record, records_table
 
     root = work / "artsim_run"
     shutil.rmtree(root, ignore_errors=True)

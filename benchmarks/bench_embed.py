@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from artsim.config import config_from_dict  # noqa: E402
 from artsim.runtime import RunContext  # noqa: E402
-from artsim.schema import IMAGES_SCHEMA  # noqa: E402
+from artsim.rundir.schema import IMAGES_SCHEMA  # noqa: E402
 
 
 def build_images(ctx: RunContext, n: int) -> list[dict]:
@@ -46,8 +46,8 @@ def plain_loop(ctx: RunContext, rows: list[dict], threads: int) -> dict:
     """The baseline: decode + preprocess + model, batch by batch, in this process."""
     import torch
 
-    from artsim.embed.artifact import build_embedder
-    from artsim.embed.preprocess import pixels_batch
+    from artsim.models.artifact import build_embedder
+    from artsim.models.preprocess import pixels_batch
 
     cfg = ctx.config.embed
     torch.set_num_threads(threads)
@@ -75,7 +75,7 @@ def plain_loop(ctx: RunContext, rows: list[dict], threads: int) -> dict:
 
 
 def ray_pipeline(ctx: RunContext) -> dict:
-    from artsim.embed import run_embed
+    from artsim.embed.stage import run_embed
 
     start = time.perf_counter()
     summary = run_embed(ctx)

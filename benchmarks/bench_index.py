@@ -95,10 +95,10 @@ def run_measured(cmd: list[str], timeout: float) -> tuple[dict, float]:
 # -- step 1 ------------------------------------------------------------------------------------------------------
 def prepare(data: str, n: int, dim: int, seed: int) -> None:
     from artsim.config import config_from_dict
-    from artsim.index.testdata import clustered_vectors, embeddings_table
-    from artsim.index.topk import exact_topk
+    from artsim.testing.index_data import clustered_vectors, embeddings_table
+    from artsim.serving.topk import exact_topk
     from artsim.runtime import RunContext
-    from artsim.schema import empty_record, records_table
+    from artsim.rundir.schema import empty_record, records_table
 
     marker = os.path.join(data, f"ready-{n}-{dim}-{seed}")
     if os.path.exists(marker):
@@ -133,7 +133,7 @@ def artsim_build(data: str, budget_gb: float, mode: str, shards: int) -> None:
     import ray
 
     from artsim.config import config_from_dict
-    from artsim.index import run_index
+    from artsim.index.stage import run_index
     from artsim.runtime import RunContext
     from artsim.serving import ShardedIndex
 
@@ -160,7 +160,7 @@ def artsim_build(data: str, budget_gb: float, mode: str, shards: int) -> None:
         t1 = time.perf_counter()
         index.search_arrays(q[None, :], 10)
         singles.append(time.perf_counter() - t1)
-    from artsim.index.topk import recall_at_k
+    from artsim.serving.topk import recall_at_k
 
     m = index.manifest
     print(json.dumps({"tool": "artsim", "index_key": m["factory"], "index_param": m["search_params"],
@@ -174,7 +174,7 @@ def artsim_build(data: str, budget_gb: float, mode: str, shards: int) -> None:
 
 # -- step 4 (own process) -----------------------------------------------------------------------------------------
 def conditional(data: str, n_queries: int) -> None:
-    from artsim.index.topk import recall_at_k
+    from artsim.serving.topk import recall_at_k
     from artsim.serving import ShardedIndex
 
     index = ShardedIndex.open(os.path.join(data, "run", "index", "bench"))

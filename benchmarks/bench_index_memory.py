@@ -34,8 +34,9 @@ def prepare(n: int, dim: int, files: int) -> str:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from artsim.index.testdata import clustered_vectors, object_ids_for
-    from artsim.storage import RunPaths, Storage, join
+    from artsim.testing.index_data import clustered_vectors, object_ids_for
+    from artsim.rundir.paths import RunPaths
+    from artsim.storage import Storage, join
 
     root = os.path.join(OUT, f"n{n}-d{dim}-f{files}")
     storage, paths = Storage(), RunPaths(root)
@@ -64,7 +65,7 @@ def build(root: str, shards: int, cpus: int) -> dict:
 
     import artsim.index.ray_tasks  # noqa: F401
     from artsim.config import config_from_dict
-    from artsim.index import run_index
+    from artsim.index.stage import run_index
     from artsim.runtime import RunContext
 
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,

@@ -42,8 +42,9 @@ def prepare(n: int, dim: int, files: int) -> str:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from artsim.schema import RECORDS_SCHEMA
-    from artsim.storage import RunPaths, Storage, join
+    from artsim.rundir.schema import RECORDS_SCHEMA
+    from artsim.rundir.paths import RunPaths
+    from artsim.storage import Storage, join
 
     root = os.path.join(OUT, f"n{n}-d{dim}-f{files}")
     storage, paths = Storage(), RunPaths(root)
@@ -114,7 +115,7 @@ def report(root: str, version: str, rev: str, curate: bool, max_works: int) -> d
         spec.loader.exec_module(module)
         run_report = module.run_report
     else:
-        from artsim.report import run_report
+        from artsim.report.stage import run_report
     report_cfg = {"name": f"bench-{version}", "suggest_tags": curate, "classify_vocabulary": curate}
     if version == "new":
         report_cfg["max_works"] = max_works

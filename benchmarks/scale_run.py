@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/scale_run.py --n 20000 [--model resnet18] [--image-size 256] [--root DIR]
 
-Writes a synthetic collection (artsim.synthetic: images whose palette, motif and format follow hidden creator,
+Writes a synthetic collection (artsim.testing.synthetic: images whose palette, motif and format follow hidden creator,
 subject and object-type factors; several collections) once, serves it from a loopback HTTP server so the real
 download path runs (politeness and safety on; one host, so `download.per_host_connections` caps the fetch rate),
 then runs ingest -> download -> embed (random-init backbone: nothing is downloaded) -> mine -> train (head, Ray
@@ -27,9 +27,9 @@ from procstat import status_mib  # noqa: E402  (benchmarks/, next to this script
 
 def ensure_collection(out: Path, n: int, image_size: int, collections: int) -> Path:
     csv_path = out / "records.csv"
-    if csv_path.exists():  # written last by artsim.synthetic: its presence means every image is there
+    if csv_path.exists():  # written last by artsim.testing.synthetic: its presence means every image is there
         return csv_path
-    subprocess.run([sys.executable, "-m", "artsim.synthetic", str(out), "--n", str(n), "--image-size",
+    subprocess.run([sys.executable, "-m", "artsim.testing.synthetic", str(out), "--n", str(n), "--image-size",
                     str(image_size), "--n-collections", str(collections)], check=True, cwd=REPO)
     return csv_path
 

@@ -153,11 +153,11 @@ def run_scenario(cluster, scenario: dict) -> dict:
     start = time.perf_counter()
     try:
         if scenario["kind"] == "download":
-            from artsim.download import run_download
+            from artsim.download.stage import run_download
 
             result["report"] = run_download(ctx)
         elif scenario["kind"] == "download_node_loss":
-            from artsim.download import run_download
+            from artsim.download.stage import run_download
 
             remover = NodeRemover(cluster, ctx, scenario["remove_after_shards"], scenario.get("remove", "shard_worker"))
             remover.start()
@@ -166,7 +166,7 @@ def run_scenario(cluster, scenario: dict) -> dict:
                 remover.join(timeout=5)
             result["report"] = run_download(ctx)
         elif scenario["kind"] == "embed":
-            from artsim.embed import run_embed
+            from artsim.embed.stage import run_embed
 
             result["summary"] = run_embed(ctx)
         else:

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from artsim.curate import evaluate_tag_recommendation, recommend_tags
-from artsim.curate.html import tag_recommendations_html
+from artsim.report.html import tag_recommendations_html
 from artsim.curate.tags import work_tags
 from artsim.errors import ArtsimError
-from artsim.synthetic import SyntheticSpec, _creator_index, _motif_index, synthetic_records
+from artsim.testing.synthetic import SyntheticSpec, _creator_index, _motif_index, synthetic_records
 
 
 def factor_vectors(records, spec, motif_weight=1.0, creator_weight=1.0, noise=0.5, seed=0):

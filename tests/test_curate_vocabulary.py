@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from artsim.curate import classify_vocabulary, evaluate_vocabulary, known_concepts, load_vocabulary
-from artsim.curate.html import vocabulary_html
+from artsim.report.html import vocabulary_html
 from artsim.curate.vocabulary import normalize_uri
 from artsim.errors import ArtsimError
-from artsim.synthetic import SyntheticSpec, _creator_index, synthetic_records
+from artsim.testing.synthetic import SyntheticSpec, _creator_index, synthetic_records
 from conftest import DATA, MET_SAMPLE
 
 EVAL_CSV = DATA / "formats" / "europeana" / "eval_dataset.csv"
@@ -26,7 +26,7 @@ def vocabulary():
 
 @pytest.fixture(scope="module")
 def encoder():
-    from artsim.similarity.text import load_sentence_encoder
+    from artsim.text import load_sentence_encoder
 
     return load_sentence_encoder()
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from artsim.curate import latent_walk, slerp
-from artsim.curate.html import walk_html
+from artsim.report.html import walk_html
 from artsim.errors import ArtsimError
 
 

@@ -29,7 +29,7 @@ from artsim.download.politeness import (  # noqa: E402
 from artsim.download.resize import ImageRejected, process_image, sniff_format  # noqa: E402
 from artsim.download.safety import URLPolicy, UnsafeURL, blocked_reason  # noqa: E402
 from artsim.download.shards import ShardTask, plan_shards, process_shard, read_committed  # noqa: E402
-from artsim.schema import STATUSES, empty_record, records_table  # noqa: E402
+from artsim.rundir.schema import STATUSES, empty_record, records_table  # noqa: E402
 from artsim.storage import Storage  # noqa: E402
 
 

@@ -9,13 +9,13 @@ import pytest
 from PIL import Image
 
 from artsim.config import EmbedConfig, config_from_dict
-from artsim.embed import run_embed
-from artsim.embed.artifact import build_embedder, model_key
+from artsim.embed.stage import run_embed
+from artsim.models.artifact import build_embedder, model_key
 from artsim.embed.ray_embed import EmbeddingWriter, EmbedWorker, describe_bottleneck
-from artsim.embed.preprocess import preprocess_batch
+from artsim.models.preprocess import preprocess_batch
 from artsim.errors import ArtsimError, ConfigError
 from artsim.runtime import RunContext
-from artsim.schema import IMAGES_SCHEMA
+from artsim.rundir.schema import IMAGES_SCHEMA
 from artsim.storage import Storage
 from tests.conftest import MET_SAMPLE
 
@@ -112,7 +112,7 @@ def test_embed_with_a_trained_artifact(ray_session, tmp_path):
 
     import torch
 
-    from artsim.embed.artifact import build_head, save_artifact
+    from artsim.models.artifact import build_head, save_artifact
 
     ctx = make_ctx(str(tmp_path / "run"), torch_threads=1)
     base = build_embedder(ctx.config.embed, ctx.storage)

@@ -14,7 +14,7 @@ import torch
 
 from artsim.config import EmbedConfig, StorageConfig
 from artsim.errors import ArtsimError, ConfigError, IntegrityError
-from artsim.embed.artifact import (
+from artsim.models.artifact import (
     ModelSpec, build_embedder, build_head, load_artifact, model_key, save_artifact, strip_classifier,
 )
 from artsim.storage import Storage, join
@@ -189,7 +189,7 @@ def test_headless_backbones_give_pooled_unit_vectors(name):
 
 
 def test_random_init_is_identical_across_processes():
-    code = ("import torch,hashlib;from artsim.config import EmbedConfig;from artsim.embed.artifact import "
+    code = ("import torch,hashlib;from artsim.config import EmbedConfig;from artsim.models.artifact import "
             "build_embedder;torch.manual_seed({noise});e=build_embedder(EmbedConfig(model='resnet18',seed={seed}));"
             "print(hashlib.sha256(b''.join(v.numpy().tobytes() for v in e.state_dict().values())).hexdigest())")
 
@@ -209,7 +209,7 @@ def test_random_init_is_identical_across_processes():
 
 
 def test_describe_model_agrees_with_the_built_model(tmp_path):
-    from artsim.embed.artifact import describe_model
+    from artsim.models.artifact import describe_model
 
     storage = Storage()
     for cfg in (small_cfg(seed=4), EmbedConfig(model="efficientnet_b0")):
@@ -232,7 +232,7 @@ def test_torchvision_weights_download_cache_and_integrity(tmp_path, monkeypatch)
 
     from torchvision.models import get_model
 
-    from artsim.embed.artifact import fetch_torchvision_state
+    from artsim.models.artifact import fetch_torchvision_state
 
     serve_dir = tmp_path / "serve"
     serve_dir.mkdir()

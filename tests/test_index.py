@@ -11,9 +11,9 @@ import pytest
 
 from artsim.config import config_from_dict
 from artsim.errors import ArtsimError, IntegrityError
-from artsim.index import run_index
-from artsim.index.shards import sha256_file
-from artsim.index.testdata import clustered_vectors, object_ids_for, records_for, write_run
+from artsim.index.stage import run_index
+from artsim.serving.shards import sha256_file
+from artsim.testing.index_data import clustered_vectors, object_ids_for, records_for, write_run
 from artsim.runtime import RunContext
 from artsim.serving import ShardedIndex, parse_where
 
@@ -247,7 +247,7 @@ def test_id_table_joins_only_the_wanted_record_columns(tmp_path):
 
     from artsim.errors import ConfigError
     from artsim.index.build import id_table, read_record_columns
-    from artsim.schema import empty_record, records_table
+    from artsim.rundir.schema import empty_record, records_table
     from artsim.storage import Storage
 
     storage = Storage()

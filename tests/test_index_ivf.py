@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from artsim.config import config_from_dict
-from artsim.index import run_index
-from artsim.index.testdata import clustered_vectors, object_ids_for, records_for, write_run
-from artsim.index.topk import exact_topk, recall_at_k
+from artsim.index.stage import run_index
+from artsim.testing.index_data import clustered_vectors, object_ids_for, records_for, write_run
+from artsim.serving.topk import exact_topk, recall_at_k
 from artsim.runtime import RunContext
 from artsim.serving import ShardedIndex
 

@@ -10,9 +10,9 @@ import pytest
 
 from artsim.config import StorageConfig, config_from_dict
 from artsim.errors import IntegrityError
-from artsim.index import run_index
-from artsim.index.testdata import clustered_vectors, object_ids_for, write_run
-from artsim.links import run_links
+from artsim.index.stage import run_index
+from artsim.testing.index_data import clustered_vectors, object_ids_for, write_run
+from artsim.links.stage import run_links
 from artsim.runtime import RunContext
 from artsim.serving import ShardedIndex
 from artsim.storage import Storage

@@ -23,11 +23,11 @@ import pytest
 
 from artsim.config import config_from_dict
 from artsim.errors import ArtsimError
-from artsim.index import run_index, sample_rows
+from artsim.index.stage import run_index, sample_rows
 from artsim.index.build import (EmbeddingFile, Piece, ShardPlan, assign_ids, build_shard, embedding_files,
                                 embeddings_from_table, first_good_rows, pieces_between, plan_shards,
                                 read_object_ids, read_shard_vectors, scan_piece, scan_pieces, vector_batch)
-from artsim.index.testdata import clustered_vectors, object_ids_for
+from artsim.testing.index_data import clustered_vectors, object_ids_for
 from artsim.runtime import RunContext
 from artsim.serving import ShardedIndex
 from artsim.storage import Storage, join
@@ -237,7 +237,7 @@ root, address, mode = sys.argv[1:4]
 ctx = RunContext(config_from_dict({"run": {"root": root}, "ray": {"address": address},
                                    "index": {"embeddings": "test-model", "num_shards": 2, "tuning_queries": 50}}))
 if mode == "run_index":
-    from artsim.index import run_index
+    from artsim.index.stage import run_index
     run_index(ctx)  # warm-up: the modules Ray and the stage import lazily (tens of MB) are not what is measured
 warm_pool = pa.default_memory_pool()
 proxy = pa.proxy_memory_pool(warm_pool)

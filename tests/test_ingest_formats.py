@@ -10,13 +10,13 @@ import pytest
 
 from artsim.config import SourceConfig
 from artsim.errors import ConfigError
-from artsim.ingest import ingest_sources, read_source
+from artsim.ingest.stage import ingest_sources, read_source
 from artsim.ingest.common import BadRow
 from artsim.ingest.europeana import parse_europeana
 from artsim.ingest.iiif import parse_iiif
 from artsim.ingest.met_api import parse_met_api
 from artsim.ingest.smk import parse_smk
-from artsim.schema import RECORD_FIELDS, records_table
+from artsim.rundir.schema import RECORD_FIELDS, records_table
 from artsim.storage import Storage
 
 REPO = Path(__file__).resolve().parent.parent
@@ -336,7 +336,7 @@ def test_image_url_template_quotes_values_and_offers_source_dir(tmp_path):
 
 
 def test_synthetic_collection_reads_back_as_a_table(tmp_path):
-    from artsim.synthetic import TABLE_MAPPING, SyntheticSpec, synthetic_records, write_synthetic_collection
+    from artsim.testing.synthetic import TABLE_MAPPING, SyntheticSpec, synthetic_records, write_synthetic_collection
 
     spec = SyntheticSpec(n=30, seed=9, n_collections=3)
     csv_path = write_synthetic_collection(tmp_path, spec)

@@ -12,9 +12,9 @@ import yaml
 
 from artsim.config import config_from_dict
 from artsim.errors import ArtsimError, ConfigError
-from artsim.ingest import run_ingest
+from artsim.ingest.stage import run_ingest
 from artsim.runtime import RunContext
-from artsim.schema import RECORDS_SCHEMA
+from artsim.rundir.schema import RECORDS_SCHEMA
 
 REPO = Path(__file__).resolve().parent.parent
 MET_SAMPLE = REPO / "data" / "met_sample"
@@ -116,7 +116,7 @@ def test_run_ingest_s3(tmp_path, s3_endpoint):
     _check_records(records)
     # A glob over S3 keys: only met_api_objects.json matches.
     from artsim.config import SourceConfig
-    from artsim.ingest import ingest_sources
+    from artsim.ingest.stage import ingest_sources
 
     _, stats, _, _ = ingest_sources(ctx.storage, [SourceConfig(kind="met_api_json", collection="m",
                                                                path="s3://artsim-test/ingest-inputs/met_*.json")])

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from artsim.config import config_from_dict
-from artsim.index import run_index
-from artsim.index.testdata import clustered_vectors, object_ids_for, write_run
-from artsim.links import run_links
+from artsim.index.stage import run_index
+from artsim.testing.index_data import clustered_vectors, object_ids_for, write_run
+from artsim.links.stage import run_links
 from artsim.runtime import RunContext
 
 N, DIM, K = 600, 24, 3

@@ -10,14 +10,14 @@ import pytest
 from artsim.config import MineConfig, config_from_dict
 from artsim.errors import ArtsimError, ConfigError
 from artsim.runtime import RunContext
-from artsim.schema import empty_record, records_table
-from artsim.similarity.corpus import corpus_from_records, normalise_term
-from artsim.similarity.mine import MiningInputs, allocate, mine_triplets, parse_annotations_csv, run_mine
-from artsim.similarity.strategies import (
+from artsim.rundir.schema import empty_record, records_table
+from artsim.mine.corpus import corpus_from_records, normalise_term
+from artsim.mine.stage import MiningInputs, allocate, mine_triplets, parse_annotations_csv, run_mine
+from artsim.mine.strategies import (
     mine_annotations, mine_hard_negatives, mine_same_creator, mine_shared_terms, mine_text,
     negative_without_term,
 )
-from artsim.synthetic import SyntheticSpec, synthetic_records
+from artsim.testing.synthetic import SyntheticSpec, synthetic_records
 
 
 def record(oid, subjects=(), concepts=(), creator=None, object_type=None, medium=None, title=None, **extra):
@@ -104,7 +104,7 @@ def test_same_creator_rules_and_unknown_creators():
 
 @pytest.fixture(scope="module")
 def text_encoder():
-    from artsim.similarity.text import load_sentence_encoder
+    from artsim.text import load_sentence_encoder
 
     return load_sentence_encoder()
 
@@ -293,7 +293,7 @@ def test_run_mine_on_s3_with_annotations_and_hard_negatives(s3_endpoint):
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(80, 8)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    from artsim.embed.artifact import model_key
+    from artsim.models.artifact import model_key
 
     emb = pa.table({"object_id": [r["object_id"] for r in recs],
                     "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), 8),
@@ -361,7 +361,7 @@ def _reference_hash(object_id: str, seed: int) -> int:
 def test_stable_hashes_match_the_definition_and_depend_on_the_seed():
     import pyarrow as pa
 
-    from artsim.similarity.corpus import stable_hashes
+    from artsim.mine.corpus import stable_hashes
 
     ids = ["met:1", "rijks:SK-A-1505", "", "é:ü", "x" * 300, "met:10", "met:1"]
     for seed in (0, 7, -1):
@@ -372,7 +372,7 @@ def test_stable_hashes_match_the_definition_and_depend_on_the_seed():
 
 
 def test_pool_quotas_fill_the_pool_and_represent_every_collection():
-    from artsim.similarity.corpus import MIN_PER_COLLECTION, pool_quotas
+    from artsim.mine.corpus import MIN_PER_COLLECTION, pool_quotas
 
     counts = {"big": 1_000_000, "mid": 5_000, "small": 300, "tiny": 4}
     quotas = pool_quotas(counts, 2_000)
@@ -407,7 +407,7 @@ def _uneven_records(n):
 
 
 def test_pool_is_deterministic_stratified_and_adds_annotated_objects(tmp_path):
-    from artsim.similarity.corpus import read_pool
+    from artsim.mine.corpus import read_pool
 
     recs = _uneven_records(3_000)
     sizes = Counter(r["collection"] for r in recs)
@@ -436,7 +436,7 @@ def test_pool_is_deterministic_stratified_and_adds_annotated_objects(tmp_path):
     other, other_info = read_pool(ctx.storage, ctx.paths.records, 600, seed=6, always=annotated)
     assert set(other.object_ids) != in_pool and other.size == 600 + other_info.annotated_added
     # the pool is the quota's smallest salted hashes of each collection
-    from artsim.similarity.corpus import stable_hashes
+    from artsim.mine.corpus import stable_hashes
 
     a_ids = sorted((r["object_id"] for r in recs if r["collection"] == "a"))
     ranked = np.array(a_ids)[np.argsort(stable_hashes(a_ids, 5), kind="stable")]
@@ -444,7 +444,7 @@ def test_pool_is_deterministic_stratified_and_adds_annotated_objects(tmp_path):
 
 
 def test_pool_below_max_objects_is_every_record(tmp_path):
-    from artsim.similarity.corpus import read_pool
+    from artsim.mine.corpus import read_pool
 
     recs = _uneven_records(500)
     ctx = _ctx(tmp_path)
@@ -467,7 +467,7 @@ def test_run_mine_on_a_large_records_mines_only_inside_the_pool(tmp_path, capsys
     summary = run_mine(ctx)
     pool = summary["pool"]
     assert pool["sampled"] and pool["records"] == 4_000 and pool["rows_read"] == pool["objects"] <= 403
-    from artsim.similarity.corpus import read_pool
+    from artsim.mine.corpus import read_pool
 
     corpus, _ = read_pool(ctx.storage, ctx.paths.records, 400, seed=0, always={outside, ids[-5], ids[-9]})
     in_pool = set(corpus.object_ids)
@@ -491,7 +491,7 @@ from artsim.runtime import RunContext
 root, mode = sys.argv[1:3]
 ctx = RunContext(config_from_dict({"run": {"root": root}, "mine": {
     "num_triplets": 2000, "max_objects": 1000, "strategies": {"shared_terms": 1}}}))
-from artsim.similarity.mine import run_mine
+from artsim.mine.stage import run_mine
 if mode == "run_mine":
     run_mine(ctx)  # warm-up: the modules the stage imports lazily are not what is measured
 proxy = pa.proxy_memory_pool(pa.default_memory_pool())
@@ -514,7 +514,7 @@ def test_mine_driver_memory_follows_the_pool_not_records(tmp_path):
 
     import pyarrow as pa
 
-    from artsim.schema import RECORDS_SCHEMA
+    from artsim.rundir.schema import RECORDS_SCHEMA
     from artsim.storage import join
 
     n, files = 80_000, 4
@@ -557,7 +557,7 @@ def test_mine_driver_memory_follows_the_pool_not_records(tmp_path):
 def test_embedding_batches_stream_only_the_kept_rows_normalised(tmp_path):
     import pyarrow as pa
 
-    from artsim.similarity.mine import iter_embedding_batches, load_embedding_matrix
+    from artsim.mine.stage import iter_embedding_batches, load_embedding_matrix
     from artsim.storage import Storage
 
     storage = Storage()

@@ -33,7 +33,7 @@ from httpd import MisbehavingServer  # noqa: E402
 from artsim.config import config_from_dict  # noqa: E402
 from artsim.download.shards import read_committed  # noqa: E402
 from artsim.runtime import RunContext  # noqa: E402
-from artsim.schema import empty_record, records_table  # noqa: E402
+from artsim.rundir.schema import empty_record, records_table  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 MET_IMAGES = sorted((REPO / "data" / "met_sample" / "images").glob("*.jpg"))
@@ -320,7 +320,7 @@ def test_worker_raylet_removed_mid_download_still_completes_exactly_once(multino
 
 
 def test_embed_across_raylets_matches_a_single_process_call(multinode):
-    from artsim.embed.artifact import build_embedder, model_key
+    from artsim.models.artifact import build_embedder, model_key
 
     s = scenario_ok(multinode, "embed")
     summary = s["summary"]

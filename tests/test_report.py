@@ -6,9 +6,9 @@ import numpy as np
 import pyarrow as pa
 
 from artsim.config import config_from_dict
-from artsim.report import run_report
+from artsim.report.stage import run_report
 from artsim.runtime import RunContext
-from artsim.schema import IMAGES_SCHEMA, empty_record, records_table
+from artsim.rundir.schema import IMAGES_SCHEMA, empty_record, records_table
 from conftest import MET_SAMPLE
 
 
@@ -64,7 +64,7 @@ def test_report_is_offline_html_with_map_clusters_and_sheets(tmp_path):
 
 def test_report_without_tags_or_curator_sections(tmp_path):
     ctx, recs = _run_dir(tmp_path)
-    from artsim.schema import records_table
+    from artsim.rundir.schema import records_table
 
     ctx.storage.write_table(records_table([{**r, "subjects": []} for r in recs]), ctx.paths.records)
     ctx.config.report.classify_vocabulary = False
@@ -106,7 +106,7 @@ import sys  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from artsim.report_inputs import (allocate, read_sample_vectors, report_sample, stable_hash,  # noqa: E402
+from artsim.report.inputs import (allocate, read_sample_vectors, report_sample, stable_hash,  # noqa: E402
                                   strongest_links)
 from artsim.storage import join  # noqa: E402
 from conftest import REPO  # noqa: E402
@@ -170,7 +170,7 @@ def test_stable_hash_is_batch_and_process_independent():
     assert (stable_hash(pa.array(ids), 8) != whole).all()  # the seed matters
     assert whole[2] == whole[4]  # null hashes as ""
     # the same values in another interpreter (no Python hash(), no per-process salt)
-    code = "import pyarrow as pa; from artsim.report_inputs import stable_hash; " \
+    code = "import pyarrow as pa; from artsim.report.inputs import stable_hash; " \
            f"print(stable_hash(pa.array({ids!r}), 7).tolist())"
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                            env=dict(os.environ, PYTHONHASHSEED="123", PYTHONPATH=str(REPO)))
@@ -249,7 +249,7 @@ from artsim.runtime import RunContext
 root, mode = sys.argv[1:3]
 ctx = RunContext(config_from_dict({"run": {"root": root}, "index": {"embeddings": "m"},
                                    "report": {"max_works": 1000, "classify_vocabulary": False}}))
-from artsim.report import run_report
+from artsim.report.stage import run_report
 run_report(ctx)  # warm-up: lazily imported modules (matplotlib, faiss) are not what is measured
 proxy = pa.proxy_memory_pool(pa.default_memory_pool())
 pa.set_memory_pool(proxy)  # counts what Arrow allocates from here on (Parquet reads included)

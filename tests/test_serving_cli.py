@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from artsim.config import config_from_dict
-from artsim.index import run_index
-from artsim.index.testdata import clustered_vectors, object_ids_for, write_run
+from artsim.index.stage import run_index
+from artsim.testing.index_data import clustered_vectors, object_ids_for, write_run
 from artsim.runtime import RunContext
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from artsim.config import EmbedConfig, config_from_dict
-from artsim.index import run_index
-from artsim.index.testdata import embeddings_table
+from artsim.index.stage import run_index
+from artsim.testing.index_data import embeddings_table
 from artsim.runtime import RunContext
 from artsim.serving import ShardedIndex
 
@@ -19,7 +19,7 @@ IMAGES = sorted((Path(__file__).resolve().parent.parent / "data" / "met_sample" 
 
 @pytest.fixture(scope="module")
 def image_index(tmp_path_factory, ray_session):
-    from artsim.embed.artifact import build_embedder
+    from artsim.models.artifact import build_embedder
 
     embedder = build_embedder(EmbedConfig(model="resnet18", weights=None, seed=0))  # random init: no download
     vectors = embedder.embed_pil([p.read_bytes() for p in IMAGES])

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from artsim.errors import ArtsimError
-from artsim.schema import RECORD_FIELDS, records_table
-from artsim.synthetic import (
+from artsim.rundir.schema import RECORD_FIELDS, records_table
+from artsim.testing.synthetic import (
     CSV_COLUMNS, TABLE_MAPPING, SyntheticSpec, creator_palette, object_type_aspect, render_image, synthetic_records,
     write_synthetic_collection,
 )
@@ -171,7 +171,7 @@ def test_bad_spec_is_a_clear_error():
 
 
 def test_command_line(tmp_path, capsys):
-    from artsim.synthetic import main
+    from artsim.testing.synthetic import main
 
     assert main([str(tmp_path / "s"), "--n", "5", "--image-size", "32", "--seed", "2"]) == 0
     out = capsys.readouterr().out

@@ -12,12 +12,12 @@ import torch
 from artsim.config import config_from_dict
 from artsim.errors import ArtsimError
 from artsim.runtime import RunContext
-from artsim.schema import records_table
-from artsim.similarity.data import PackedImages, epoch_batches, held_out_mask, prepare_training_data
-from artsim.similarity.evaluate import chance_recall_at_k, recall_at_k, relevance_from_labels
-from artsim.similarity.losses import positive_pair_keys, triplet_loss, valid_negative_mask
-from artsim.similarity.models import HeadModel, head_description
-from artsim.synthetic import SyntheticSpec, synthetic_records
+from artsim.rundir.schema import records_table
+from artsim.train.data import PackedImages, epoch_batches, held_out_mask, prepare_training_data
+from artsim.train.evaluate import chance_recall_at_k, recall_at_k, relevance_from_labels
+from artsim.train.losses import positive_pair_keys, triplet_loss, valid_negative_mask
+from artsim.train.models import HeadModel, head_description
+from artsim.testing.synthetic import SyntheticSpec, synthetic_records
 
 
 def unit(rows):
@@ -175,8 +175,8 @@ def write_embeddings(ctx, records, vectors, key="resnet18"):
 @pytest.fixture(scope="module")
 def head_run(ray_session, tmp_path_factory, monkeypatch_module):
     """One head-mode run whose second worker dies in the middle of epoch 2 (once)."""
-    from artsim.similarity.mine import run_mine
-    from artsim.similarity.train import CRASH_AT_EPOCH_ENV, CRASH_MARKER_ENV, run_train
+    from artsim.mine.stage import run_mine
+    from artsim.train.stage import CRASH_AT_EPOCH_ENV, CRASH_MARKER_ENV, run_train
 
     root = tmp_path_factory.mktemp("head_run")
     marker = root / "crashed-once"
@@ -219,7 +219,7 @@ def test_worker_killed_mid_training_resumes_from_last_checkpoint(head_run):
 
 def test_training_learns_the_hidden_factor(head_run):
     """recall@10 of same-subject works, over the whole collection, with the exported model vs. untrained."""
-    from artsim.embed.artifact import build_embedder, load_artifact
+    from artsim.models.artifact import build_embedder, load_artifact
 
     ctx, records, vectors = head_run["ctx"], head_run["records"], head_run["vectors"]
     export = ctx.paths.model_export("similarity")
@@ -244,8 +244,8 @@ def test_training_learns_the_hidden_factor(head_run):
 def test_head_mode_projects_the_collection_like_embed_with_the_export(head_run):
     """train (head mode) writes embeddings/<model_key of the export>/: what `embed` with embed.weights=<export>
     would write -- same directory name, weights_id and vectors (checked against the export's own head)."""
-    from artsim.embed.artifact import build_embedder, model_key
-    from artsim.similarity.mine import load_embedding_matrix
+    from artsim.models.artifact import build_embedder, model_key
+    from artsim.mine.stage import load_embedding_matrix
 
     ctx, records, vectors = head_run["ctx"], head_run["records"], head_run["vectors"]
     export = ctx.paths.model_export("similarity")
@@ -264,7 +264,7 @@ def test_head_mode_projects_the_collection_like_embed_with_the_export(head_run):
 
 
 def test_resubmitting_the_same_run_name_resumes(head_run):
-    from artsim.similarity.train import run_train
+    from artsim.train.stage import run_train
 
     tree = json.loads(json.dumps(head_run["tree"]))
     tree["train"]["epochs"] = 4
@@ -277,11 +277,11 @@ def test_resubmitting_the_same_run_name_resumes(head_run):
 def test_finetune_on_images_with_checkpoints_on_s3(ray_session, s3_endpoint):
     import boto3
 
-    from artsim.embed.artifact import build_embedder
-    from artsim.schema import IMAGES_SCHEMA
-    from artsim.similarity.mine import run_mine
-    from artsim.similarity.train import run_train
-    from artsim.synthetic import encode_jpeg, render_image
+    from artsim.models.artifact import build_embedder
+    from artsim.rundir.schema import IMAGES_SCHEMA
+    from artsim.mine.stage import run_mine
+    from artsim.train.stage import run_train
+    from artsim.testing.synthetic import encode_jpeg, render_image
 
     spec = SyntheticSpec(n=48, seed=2, n_creators=3, n_subjects=3, image_size=64)
     records = synthetic_records(spec)
@@ -316,7 +316,7 @@ def test_finetune_on_images_with_checkpoints_on_s3(ray_session, s3_endpoint):
 
 
 def test_train_without_inputs_is_a_clear_error(tmp_path):
-    from artsim.similarity.train import run_train
+    from artsim.train.stage import run_train
 
     ctx = RunContext(config_from_dict({"run": {"root": str(tmp_path)}, "embed": {"model": "resnet18"}}))
     with pytest.raises(ArtsimError, match="triplets"):
@@ -324,8 +324,8 @@ def test_train_without_inputs_is_a_clear_error(tmp_path):
 
 
 def test_finetune_reads_only_the_ok_images_the_triplets_name(tmp_path):
-    from artsim.schema import IMAGES_SCHEMA
-    from artsim.similarity.train import _read_images
+    from artsim.rundir.schema import IMAGES_SCHEMA
+    from artsim.train.stage import _read_images
     from artsim.storage import Storage
 
     storage = Storage()

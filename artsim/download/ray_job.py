@@ -165,7 +165,8 @@ class ShardWorker:
 
     def __init__(self, config: Config, limiter_actors: list):
         from artsim.download.fetch import Fetcher
-        from artsim.storage import RunPaths, Storage
+        from artsim.rundir.paths import RunPaths
+        from artsim.storage import Storage
 
         self.config = config
         self.storage = Storage(config.storage)

@@ -11,7 +11,7 @@ from typing import Optional
 import pyarrow as pa
 
 from artsim.console import say, table
-from artsim.schema import STATUSES
+from artsim.rundir.schema import STATUSES
 
 TOP_HOSTS = 20
 

@@ -28,13 +28,13 @@ from typing import Iterable, Optional
 import pyarrow as pa
 
 from artsim.download.fetch import FetchResult, Fetcher, host_of
-from artsim.schema import IMAGES_SCHEMA
+from artsim.rundir.schema import IMAGES_SCHEMA
 from artsim.storage import Storage, join
 
 SHARD_PREFIX = "shard-"
 TASK_FIELDS = ("object_id", "image_url", "iiif_service", "license")
 
-# images/ rows: the DESIGN.md columns first, then provenance columns the report and later runs use.
+# images/ rows: the docs/DESIGN.md columns first, then provenance columns the report and later runs use.
 OUTPUT_SCHEMA = pa.schema(list(IMAGES_SCHEMA) + [
     pa.field("host", pa.string()),
     pa.field("bytes_downloaded", pa.int64()),

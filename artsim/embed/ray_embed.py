@@ -59,7 +59,7 @@ class EmbedWorker:
                  torch_threads: Optional[int] = None):
         import torch
 
-        from artsim.embed.artifact import build_embedder
+        from artsim.models.artifact import build_embedder
 
         self.cfg = embed_cfg
         start = time.perf_counter()
@@ -222,8 +222,8 @@ def run_embed(ctx, **_options) -> dict:
     import ray
     from ray.data.expressions import col
 
-    from artsim.embed.artifact import describe_model, model_description, model_key
-    from artsim.embed.preprocess import preprocess_batch
+    from artsim.models.artifact import describe_model, model_description, model_key
+    from artsim.models.preprocess import preprocess_batch
 
     cfg: EmbedConfig = ctx.config.embed
     storage: Storage = ctx.storage

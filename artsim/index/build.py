@@ -18,8 +18,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from artsim.errors import ArtsimError, ConfigError
-from artsim.index.shards import sha256_file
-from artsim.index.topk import exact_topk, merge_topk
+from artsim.serving.shards import sha256_file
+from artsim.serving.topk import exact_topk, merge_topk
 
 log = logging.getLogger("artsim.index")
 NORM_TOLERANCE = 1e-2  # embeddings are stored L2-normalised; float16 storage moves norms by ~1e-3

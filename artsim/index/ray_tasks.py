@@ -68,7 +68,7 @@ def tune_task(index_uri: str, shard_entries: list[dict], storage_config, queries
                threads: int):
     import faiss
 
-    from artsim.index.shards import ShardSet, read_shard, verify_file
+    from artsim.serving.shards import ShardSet, read_shard, verify_file
     from artsim.index.tuning import tune
 
     faiss.omp_set_num_threads(threads)

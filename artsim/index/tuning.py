@@ -13,8 +13,8 @@ from typing import Optional
 
 import numpy as np
 
-from artsim.index.shards import ShardSet
-from artsim.index.topk import recall_at_k
+from artsim.serving.shards import ShardSet
+from artsim.serving.topk import recall_at_k
 
 K = 10
 

@@ -1,7 +1,7 @@
 """Pieces every format parser shares: the record builder, the "bad row" marker, and small value cleaners.
 
 A parser is a plain function ``parse(data, collection) -> Iterator[dict | BadRow]``: it yields one canonical
-record dict (all :data:`artsim.schema.RECORD_FIELDS`) per source item, or a :class:`BadRow` saying why an item
+record dict (all :data:`artsim.rundir.schema.RECORD_FIELDS`) per source item, or a :class:`BadRow` saying why an item
 could not be read. Parsers never raise on a bad item, so one broken row never stops a job.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
 from artsim.ingest.dates import parse_years
-from artsim.schema import LIST_FIELDS, RECORD_FIELDS, empty_record
+from artsim.rundir.schema import LIST_FIELDS, RECORD_FIELDS, empty_record
 
 MAX_TEXT = 20_000  # characters kept of one text value; longer values are cut (descriptions, hostile input)
 MAX_LIST = 500  # items kept of one list value

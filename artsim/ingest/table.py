@@ -16,7 +16,7 @@ from typing import Any, Iterable, Iterator
 from artsim.errors import ConfigError
 from artsim.ingest.common import BadRow, clean_local_id, make_record, text, text_list
 from artsim.ingest.licenses import normalize_license
-from artsim.schema import LIST_FIELDS, RECORD_FIELDS
+from artsim.rundir.schema import LIST_FIELDS, RECORD_FIELDS
 
 SOURCE = "table"
 MAPPABLE_FIELDS = tuple(f for f in RECORD_FIELDS if f not in ("object_id", "source"))

@@ -1,7 +1,7 @@
 """The train stage: triplets/ + embeddings (head mode) or images (finetune mode) -> models/<train.name>/.
 
 models/<name>/ holds Ray Train's run directory (checkpoint_* every epoch, its snapshot for resumption), and:
-    export/         the artifact (artsim.embed.artifact) that ``embed.weights: <this URI>`` accepts
+    export/         the artifact (artsim.models.artifact) that ``embed.weights: <this URI>`` accepts
     history.json    metrics per epoch (epoch 0 = the untrained model), sessions (restarts), data statistics
     recall.png      validation recall@k and losses per epoch
 
@@ -23,8 +23,8 @@ import pyarrow as pa
 from artsim.config import TrainConfig
 from artsim.console import say, table
 from artsim.errors import ArtsimError, ConfigError
-from artsim.similarity.data import TrainingData, prepare_training_data
-from artsim.similarity.models import head_description, split_state
+from artsim.train.data import TrainingData, prepare_training_data
+from artsim.train.models import head_description, split_state
 from artsim.storage import join
 
 # Test-only fault injection: a worker exits (os._exit) in the middle of this epoch, once (the marker file says
@@ -49,8 +49,8 @@ def _read_triplets(ctx) -> dict:
 
 def load_head_inputs(ctx, cfg: TrainConfig, triplets: dict):
     """(embedder spec, features by object for TrainingData, data) for head mode."""
-    from artsim.embed.artifact import build_embedder, model_key
-    from artsim.similarity.mine import load_embedding_matrix
+    from artsim.models.artifact import build_embedder, model_key
+    from artsim.mine.stage import load_embedding_matrix
 
     embedder = build_embedder(ctx.config.embed, ctx.storage)
     if embedder.head is not None:
@@ -83,7 +83,7 @@ def _read_images(storage, images_uri: str, needed: set) -> dict:
     driver holds the images training uses, never the whole images/ of the collection."""
     import pyarrow.compute as pc
 
-    from artsim.similarity.corpus import stream_batches
+    from artsim.mine.corpus import stream_batches
 
     wanted = pa.array(sorted(needed), pa.string())
     images = {}
@@ -99,7 +99,7 @@ def _read_images(storage, images_uri: str, needed: set) -> dict:
 
 
 def load_finetune_inputs(ctx, cfg: TrainConfig, triplets: dict):
-    from artsim.embed.artifact import build_embedder
+    from artsim.models.artifact import build_embedder
 
     embedder = build_embedder(ctx.config.embed, ctx.storage)
     needed = set(triplets["anchor_id"]) | set(triplets["positive_id"]) | set(triplets["negative_id"])
@@ -107,7 +107,7 @@ def load_finetune_inputs(ctx, cfg: TrainConfig, triplets: dict):
     data = prepare_training_data(triplets["anchor_id"], triplets["positive_id"], triplets["negative_id"],
                                  triplets["reason"], set(images), cfg.validation_fraction, cfg.seed)
     # Bad image bytes must not kill a worker: check that each decodes here (a status, not a crash).
-    from artsim.embed.preprocess import ImageDecodeError, decode_rgb
+    from artsim.models.preprocess import ImageDecodeError, decode_rgb
 
     bad = []
     for oid in data.object_ids:
@@ -120,7 +120,7 @@ def load_finetune_inputs(ctx, cfg: TrainConfig, triplets: dict):
         ok = set(data.object_ids) - {b[0] for b in bad}
         data = prepare_training_data(triplets["anchor_id"], triplets["positive_id"], triplets["negative_id"],
                                      triplets["reason"], ok, cfg.validation_fraction, cfg.seed)
-    from artsim.similarity.data import PackedImages
+    from artsim.train.data import PackedImages
 
     packed = PackedImages.pack([images[o] for o in data.object_ids])
     return embedder.spec, data, {"data": data, "images": packed}, ctx.paths.images
@@ -160,8 +160,8 @@ def plot_history(history: list, k: int, title: str) -> bytes:
 def run_train(ctx, **_options) -> dict:
     import ray
 
-    from artsim.embed.artifact import save_artifact
-    from artsim.similarity import ray_train
+    from artsim.models.artifact import save_artifact
+    from artsim.train import ray_train
 
     cfg: TrainConfig = ctx.config.train
     started = time.perf_counter()
@@ -251,9 +251,9 @@ def write_projected_embeddings(ctx, export_uri: str, source_uri: str, batch_rows
     at the cost of a matrix product instead of a second pass of the backbone over every image."""
     import torch
 
-    from artsim.embed.artifact import build_head, load_artifact, model_description, model_key
+    from artsim.models.artifact import build_head, load_artifact, model_description, model_key
     from artsim.embed.ray_embed import EmbeddingWriter
-    from artsim.similarity.mine import iter_embedding_batches
+    from artsim.mine.stage import iter_embedding_batches
 
     embed_cfg = dataclasses.replace(ctx.config.embed, weights=export_uri)
     spec, _, head_state, weights_id = load_artifact(ctx.storage, export_uri)

@@ -51,7 +51,7 @@ class MiningCorpus:
     creators: list[Optional[str]] = field(default_factory=list)  # object index -> normalised creator or None
     creator_labels: dict[str, str] = field(default_factory=dict)  # normalised creator -> as spelled
     creator_members: dict[str, np.ndarray] = field(default_factory=dict)
-    texts: list[str] = field(default_factory=list)  # metadata text (see artsim.similarity.text.record_text)
+    texts: list[str] = field(default_factory=list)  # metadata text (see artsim.text.record_text)
     titles: list[str] = field(default_factory=list)
 
     @property
@@ -143,7 +143,7 @@ def corpus_from_records(records: Iterable[dict], fields: Iterable[str] = tuple(T
     ``records`` may be a generator: each record is reduced to what mining keeps (terms, creator, text, title) as it
     arrives, so the full dicts (descriptions, URLs) of a large pool are never all in memory at once.
     """
-    from artsim.similarity.text import record_text
+    from artsim.text import record_text
 
     fields = tuple(fields)
     unknown = [f for f in fields if f not in TERM_FIELDS]

@@ -14,7 +14,7 @@ import faiss
 import numpy as np
 
 from artsim.errors import IntegrityError
-from artsim.index.topk import EMPTY_ID, merge_topk
+from artsim.serving.topk import EMPTY_ID, merge_topk
 
 
 def sha256_file(path: str, chunk: int = 1 << 22) -> str:

@@ -74,7 +74,7 @@ def links_name(ctx) -> str:
         return ctx.config.links.name
     if ctx.config.index.name:
         return ctx.config.index.name
-    from artsim.index import embeddings_key
+    from artsim.index.stage import embeddings_key
 
     return embeddings_key(ctx)
 

@@ -501,7 +501,7 @@ class Embedder(nn.Module):
 
     def preprocess_pixels(self, image_bytes_or_pil) -> np.ndarray:
         """Encoded bytes or a PIL image -> (H, W, 3) uint8 after resize + centre crop."""
-        from artsim.embed import preprocess as pp
+        from artsim.models import preprocess as pp
 
         if isinstance(image_bytes_or_pil, (bytes, bytearray, memoryview)):
             img = pp.decode_rgb(bytes(image_bytes_or_pil), self.spec.resize_size)
@@ -512,7 +512,7 @@ class Embedder(nn.Module):
     def preprocess(self, image):
         import torch
 
-        from artsim.embed.preprocess import normalize
+        from artsim.models.preprocess import normalize
 
         pixels = torch.from_numpy(self.preprocess_pixels(image)).unsqueeze(0)
         return normalize(pixels, self.spec.mean, self.spec.std)[0]
@@ -521,7 +521,7 @@ class Embedder(nn.Module):
         """(N, H, W, 3) uint8 -> (N, output_dim) float32 unit vectors. Autocast (bf16/fp16) only on CUDA."""
         import torch
 
-        from artsim.embed.preprocess import normalize
+        from artsim.models.preprocess import normalize
 
         device = self.device
         batch = torch.from_numpy(np.ascontiguousarray(pixels))

@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from artsim.errors import ArtsimError
-from artsim.schema import empty_record
+from artsim.rundir.schema import empty_record
 
 # Named factor values; counts beyond these lists get generated names ("motif:polygon13", "object_type_7").
 MOTIFS = ("circle", "square", "triangle", "cross", "star", "ring", "diamond", "crescent", "hexagon", "bars")
@@ -131,7 +131,7 @@ def _stable_seed(*parts) -> int:
 
 
 def synthetic_records(spec: SyntheticSpec) -> list[dict]:
-    """Canonical record dicts (every ``artsim.schema`` field) for ``spec.n`` objects, deterministic in ``spec``."""
+    """Canonical record dicts (every ``artsim.rundir.schema`` field) for ``spec.n`` objects, deterministic in ``spec``."""
     records = []
     for i in range(spec.n):
         # One generator per object (seeded by seed and position): record i is the same whatever n is.
@@ -346,7 +346,7 @@ def write_synthetic_collection(out_dir, spec: SyntheticSpec, image_size: Optiona
                                workers: Optional[int] = None) -> Path:
     """Write ``out_dir/records.csv`` and ``out_dir/images/<local_id>.jpg``; return the CSV path.
 
-    The CSV reads back with ``kind: table`` and ``mapping: artsim.synthetic.TABLE_MAPPING`` (list fields are
+    The CSV reads back with ``kind: table`` and ``mapping: artsim.testing.synthetic.TABLE_MAPPING`` (list fields are
     ``|``-joined; ``image_file`` is relative to ``out_dir``). Images are rendered on a thread pool: PIL releases
     the GIL while drawing, resizing and encoding, so threads use every core without pickling anything.
     """
@@ -384,13 +384,13 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m artsim.synthetic OUT_DIR --n 2000 [--image-size 384] [--seed 0] ...``: write a collection and
+    """``python -m artsim.testing.synthetic OUT_DIR --n 2000 [--image-size 384] [--seed 0] ...``: write a collection and
     print the source entry that ingests it."""
     import argparse
     import sys
     import time
 
-    p = argparse.ArgumentParser(prog="python -m artsim.synthetic", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m artsim.testing.synthetic", description=main.__doc__)
     p.add_argument("out_dir")
     p.add_argument("--n", type=int, required=True)
     defaults = SyntheticSpec(n=0)

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import numpy as np
 import pyarrow as pa
 
-from artsim.schema import empty_record, records_table
+from artsim.rundir.schema import empty_record, records_table
 
 CULTURES = ("China", "Japan", "France", "Netherlands", "Italy", "Egypt", "Mexico", "Denmark")
 OBJECT_TYPES = ("painting", "print", "drawing", "vase", "textile")

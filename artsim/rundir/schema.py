@@ -1,4 +1,4 @@
-"""The canonical tables of the run directory (see DESIGN.md) as pyarrow schemas."""
+"""The canonical tables of the run directory (see docs/DESIGN.md) as pyarrow schemas."""
 from __future__ import annotations
 
 import pyarrow as pa
@@ -33,7 +33,7 @@ RECORDS_SCHEMA = pa.schema([
     ("source", pa.string()),  # source kind that produced the record
 ])
 
-# Download outcome vocabulary (DESIGN.md). Retryable ones are refetched by --retry-failed.
+# Download outcome vocabulary (docs/DESIGN.md). Retryable ones are refetched by --retry-failed.
 STATUSES = (
     "ok", "not_found", "http_error", "timeout", "too_large", "not_image", "decode_error", "blocked_address",
     "robots_disallowed", "opted_out", "license_excluded", "invalid_url",

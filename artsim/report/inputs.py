@@ -46,7 +46,7 @@ class Sample:
 def report_sample(ctx, max_works: int) -> tuple[Optional[str], Sample]:
     """The embeddings the index stage uses (same rule: index.embeddings, else embed's model key, else the only
     complete directory) and the rows of them the report reads; nothing when the run has none yet."""
-    from artsim.index import embeddings_key
+    from artsim.index.stage import embeddings_key
     from artsim.index.build import check_embedding_type, fixed_dim
 
     try:
@@ -245,7 +245,7 @@ def read_sample_vectors(storage, sample: Sample) -> tuple[list[str], Optional[np
 
 def report_links_uri(ctx) -> Optional[str]:
     """The links the links stage writes for this config (links.name, else index.name, else the embeddings key)."""
-    from artsim.links import links_name
+    from artsim.links.stage import links_name
 
     try:
         uri = ctx.paths.links(links_name(ctx))

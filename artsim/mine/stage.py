@@ -6,7 +6,7 @@ from strategies that still have triplets to give when others run dry, and report
 the inputs through Storage, prints progress and the per-strategy table, and writes ``triplets/`` (Parquet:
 anchor_id, positive_id, negative_id, reason, strategy) with ``triplets/_report.json`` inside it, atomically.
 
-Mining works on a pool of at most mine.max_objects objects (``artsim.similarity.corpus.read_pool``: a per-collection
+Mining works on a pool of at most mine.max_objects objects (``artsim.mine.corpus.read_pool``: a per-collection
 hash sample of records/, plus every object a curator annotation names), so the driver's memory and the text
 encoding time follow the pool, not the size of records/.
 """
@@ -25,8 +25,8 @@ import pyarrow as pa
 from artsim.config import MineConfig
 from artsim.console import say, table
 from artsim.errors import ArtsimError, ConfigError
-from artsim.similarity.corpus import MiningCorpus, read_pool
-from artsim.similarity.strategies import (
+from artsim.mine.corpus import MiningCorpus, read_pool
+from artsim.mine.strategies import (
     STRATEGIES, Annotation, Triplet, mine_annotations, mine_hard_negatives, mine_same_creator, mine_shared_terms,
     mine_text, text_neighbourhoods,
 )
@@ -280,7 +280,7 @@ def iter_embedding_batches(storage, uri: str, keep=None, batch_rows: int = 65_53
     given. Rows are re-normalised (float16 storage); NaN / infinite values are an error. Memory: one batch."""
     import pyarrow.compute as pc
 
-    from artsim.similarity.corpus import stream_batches
+    from artsim.mine.corpus import stream_batches
 
     wanted = None if keep is None else pa.array(sorted(keep), pa.string())
     dim = None
@@ -319,7 +319,7 @@ def embeddings_key(ctx, cfg: MineConfig) -> Optional[str]:
     if cfg.embeddings:
         return cfg.embeddings
     try:
-        from artsim.embed.artifact import model_key
+        from artsim.models.artifact import model_key
     except ImportError:
         return None
     return model_key(ctx.config.embed)
@@ -349,7 +349,7 @@ def run_mine(ctx, **_options) -> dict:
     if corpus.size < 3:
         raise ArtsimError(f"{paths.records}: {corpus.size} records; mining needs at least 3 objects")
     if "text" in wanted:
-        from artsim.similarity.text import load_sentence_encoder
+        from artsim.text import load_sentence_encoder
 
         t0 = time.perf_counter()
         encode = load_sentence_encoder()

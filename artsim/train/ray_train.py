@@ -50,7 +50,7 @@ def _build_model(config: dict, payload: dict):
     """(model, encode) where encode(object indices, training) -> unit vectors (torch) for those objects."""
     import torch
 
-    from artsim.similarity.models import FinetuneModel, HeadModel
+    from artsim.train.models import FinetuneModel, HeadModel
 
     torch.manual_seed(config["seed"])  # every rank starts from the same weights (DDP also broadcasts them)
     if config["mode"] == "head":
@@ -71,8 +71,8 @@ def _build_model(config: dict, payload: dict):
         return model, encode
 
     from artsim.config import EmbedConfig, StorageConfig
-    from artsim.embed.artifact import build_embedder, build_head
-    from artsim.embed.preprocess import normalize
+    from artsim.models.artifact import build_embedder, build_head
+    from artsim.models.preprocess import normalize
     from artsim.storage import Storage
 
     embedder = build_embedder(EmbedConfig(**config["embed"]), Storage(StorageConfig(**config["storage"])))
@@ -105,8 +105,8 @@ def _build_model(config: dict, payload: dict):
 def _evaluate(encode: Callable, module, data, k: int, margin: float) -> dict:
     import torch
 
-    from artsim.similarity.evaluate import recall_at_k
-    from artsim.similarity.losses import triplet_loss
+    from artsim.train.evaluate import recall_at_k
+    from artsim.train.losses import triplet_loss
 
     out: dict = {}
     module.eval()
@@ -138,8 +138,8 @@ def train_loop_per_worker(config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from artsim.similarity.data import epoch_batches
-    from artsim.similarity.losses import positive_pair_keys, triplet_loss, valid_negative_mask
+    from artsim.train.data import epoch_batches
+    from artsim.train.losses import positive_pair_keys, triplet_loss, valid_negative_mask
 
     torch.set_num_threads(max(1, int(config["threads"])))
     payload = ray.get(config["payload"])

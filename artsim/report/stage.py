@@ -22,8 +22,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from artsim.console import say
-from artsim.curate.html import card as _card
-from artsim.report_inputs import (count_and_select_records, filtered_rows, read_json_or_none, read_sample_vectors,
+from artsim.report.html import card as _card
+from artsim.report.inputs import (count_and_select_records, filtered_rows, read_json_or_none, read_sample_vectors,
                                   report_links_uri, report_sample, strongest_links, thumbnails)
 from artsim.storage import join
 
@@ -122,7 +122,7 @@ def _curate(cfg, records, vectors, vector_ids, walk_candidates, meta) -> dict:
 
 
 def _curated_html(curated: dict, meta: dict, thumbs: dict) -> list[str]:
-    from artsim.curate.html import tag_recommendations_html, vocabulary_html, walk_html
+    from artsim.report.html import tag_recommendations_html, vocabulary_html, walk_html
 
     out = []
     if "tags" in curated:

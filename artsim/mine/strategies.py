@@ -19,7 +19,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from artsim.similarity.corpus import TERM_FIELDS, MiningCorpus
+from artsim.mine.corpus import TERM_FIELDS, MiningCorpus
 
 STRATEGIES = ("shared_terms", "same_creator", "text", "annotations", "hard_negatives")
 DEFAULT_PATIENCE = 2000  # fruitless draws in a row before a strategy counts as exhausted
@@ -252,7 +252,7 @@ def mine_text(corpus: MiningCorpus, n: int, rng: np.random.Generator, vectors: n
               taken: Optional[set] = None, neighbours: int = 10, min_similarity: float = 0.5,
               hoods: Optional[TextNeighbourhoods] = None, seed: int = 0,
               patience: int = DEFAULT_PATIENCE) -> list[Triplet]:
-    """``vectors``: L2-normalised text embeddings aligned with the corpus (see artsim.similarity.text)."""
+    """``vectors``: L2-normalised text embeddings aligned with the corpus (see artsim.text)."""
     out = _Collector(corpus, n, taken, "text", patience)
     if corpus.size < 3:
         return []

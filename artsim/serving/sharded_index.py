@@ -1,4 +1,4 @@
-"""`ShardedIndex`: the serving API over index/<name>/ (DESIGN.md, "Python API for downstream services").
+"""`ShardedIndex`: the serving API over index/<name>/ (docs/DESIGN.md, "Python API for downstream services").
 
     index = ShardedIndex.open("s3://bucket/run/index/resnet50", cache_dir="/var/cache/artsim")
     index.search_ids(["met:436535"], k=10, where={"culture": {"not": "Dutch"}})
@@ -10,7 +10,7 @@ size and sha256 are checked against the manifest *before* pyarrow or FAISS parse
 memory-mapped where FAISS supports it.
 
 Searching: the shards are searched in parallel threads and their top-k lists merged. ``where`` (see
-:mod:`artsim.index.filters`) is a pre-filter, applied in one of two ways:
+:mod:`artsim.serving.filters`) is a pre-filter, applied in one of two ways:
 
 - **exact over the subset** when its vectors take at most ``exact_subset_max_bytes`` and, for IVF indexes, the
   subset is small (fraction <= sqrt(nprobe / nlist), where scanning the subset costs less than probing lists):
@@ -38,10 +38,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from artsim.errors import ArtsimError, IntegrityError
-from artsim.index.filters import normalize_where, parse_where, where_key, where_mask
-from artsim.index.manifest import MANIFEST, validate_manifest
-from artsim.index.shards import ShardSet, read_shard, verify_file
-from artsim.index.topk import EMPTY_ID, exact_topk
+from artsim.serving.filters import normalize_where, parse_where, where_key, where_mask
+from artsim.rundir.index_manifest import MANIFEST, validate_manifest
+from artsim.serving.shards import ShardSet, read_shard, verify_file
+from artsim.serving.topk import EMPTY_ID, exact_topk
 from artsim.storage import Storage, is_s3, join, strip_scheme
 
 __all__ = ["ShardedIndex", "parse_where", "read_index_ids"]
@@ -357,7 +357,7 @@ def _open_manifest_and_ids(uri: str, storage: Storage, cache_dir: Optional[str])
 def embedder_for_manifest(model: dict, storage: Storage):
     """Rebuild the embedding model that the manifest names (artsim.embed), checking it is the same one."""
     try:
-        from artsim.embed.artifact import ModelSpec, build_embedder
+        from artsim.models.artifact import ModelSpec, build_embedder
     except ImportError as exc:
         raise ArtsimError(f"image queries need artsim.embed ({exc})") from None
     from artsim.config import EmbedConfig
@@ -377,7 +377,7 @@ def embedder_for_manifest(model: dict, storage: Storage):
         raise ArtsimError("manifest.model: no backbone name")
     seed = (spec.backbone_seed if spec and spec.backbone_seed is not None else model.get("seed", 0)) or 0
     cfg = EmbedConfig(model=backbone, weights=weights, seed=int(seed))
-    from artsim.embed.artifact import is_artifact_uri
+    from artsim.models.artifact import is_artifact_uri
 
     # An artifact carries its own input size; a bare backbone is rebuilt at the size it embedded with.
     image_size = None if (spec is None or (weights is not None and is_artifact_uri(weights))) else spec.image_size

@@ -1,4 +1,4 @@
-"""The trainable models of the two train modes, built only from artsim.embed.artifact pieces so that what is
+"""The trainable models of the two train modes, built only from artsim.models.artifact pieces so that what is
 trained is exactly what ``embed.weights: models/<name>/export`` rebuilds.
 
 - ``head``: a projection head over cached embeddings. Heads have no bias: the cached embeddings are L2-normalised
@@ -29,7 +29,7 @@ class HeadModel(nn.Module):
 
     def __init__(self, head_dict: dict):
         super().__init__()
-        from artsim.embed.artifact import build_head
+        from artsim.models.artifact import build_head
 
         self.head = build_head(head_dict)
 

@@ -1,0 +1,92 @@
+"""The download stage: records/ → images/ (+ images/_report.json). See docs/download.md.
+
+Modules: ``safety`` (URL/address checks, pinned connections), ``politeness`` (host caps, backoff, circuit breaker,
+robots), ``fetch`` (one record → FetchResult), ``resize`` (sniff/decode/resize/encode), ``shards`` (plan, commit,
+resume), ``report``, and ``ray_job`` (the thin Ray layer).
+"""
+from __future__ import annotations
+
+import time
+
+from artsim.rundir.schema import RETRYABLE_STATUSES
+
+__all__ = ["run_download", "RETRYABLE_STATUSES"]
+
+
+def run_download(ctx, retry_failed: bool = False) -> dict:
+    """Fetch every record's image once (resuming committed work); returns the report dict.
+
+    ``retry_failed``: also refetch records whose committed status is retryable (artsim.rundir.schema.RETRYABLE_STATUSES).
+    """
+    import ray
+
+    from artsim.console import Progress, say
+    from artsim.download.ray_job import run_shards, start_limiters
+    from artsim.download.report import build_report, print_report
+    from artsim.download.shards import plan_shards, read_committed
+    from artsim.runtime import ensure_ray
+    from artsim.storage import SUCCESS, join
+
+    storage, paths, cfg = ctx.storage, ctx.paths, ctx.config
+    records = storage.read_table(paths.records, columns=["object_id", "image_url", "iiif_service", "license"])
+    _clean_stale_temporaries(storage, paths.images)
+    committed = read_committed(storage, paths.images)
+    plan = plan_shards(records, committed, cfg.download.shard_size, retry_failed, RETRYABLE_STATUSES)
+    if plan.duplicate_ids:
+        say(f"download: {plan.duplicate_ids} duplicate object_ids in records/ (first occurrence kept)")
+    if plan.missing_ids:
+        say(f"download: {plan.missing_ids} records without object_id skipped")
+    say(f"download: {plan.total_records} records, {plan.committed} already committed, {plan.pending_new} to fetch"
+        + (f", {plan.pending_retry} to retry" if retry_failed else "")
+        + f" in {len(plan.tasks)} shards → {paths.images}")
+
+    run = {"records": 0, "shards": 0, "status": {}, "bytes_downloaded": 0, "bytes_written": 0, "requests": 0,
+           "elapsed_s": 0.0, "retry_failed": retry_failed}
+    snapshot: dict = {}
+    start = time.perf_counter()
+    if plan.tasks:
+        storage.delete(join(paths.images, SUCCESS))  # images/ is being extended: not complete until we say so
+        ensure_ray(cfg)
+        limiters = start_limiters(cfg)
+        progress = Progress("download", total=plan.pending_new + plan.pending_retry, unit="records")
+
+        def on_summary(summary: dict) -> None:
+            run["records"] += summary["records"]
+            run["shards"] += 1
+            for status, n in summary["status"].items():
+                run["status"][status] = run["status"].get(status, 0) + n
+            for key in ("bytes_downloaded", "bytes_written", "requests"):
+                run[key] += summary[key]
+            progress.update(summary["records"], extra=f"ok={run['status'].get('ok', 0)} "
+                                                      f"shards={run['shards']}/{len(plan.tasks)}")
+
+        try:
+            run_shards(cfg, plan.tasks, limiters, on_summary)
+            for actor in limiters:
+                try:
+                    snapshot.update(ray.get(actor.snapshot.remote()))
+                except ray.exceptions.RayError as exc:  # the report is still written, without per-host state
+                    say(f"download: host limiter state lost ({type(exc).__name__}); report without it")
+        finally:
+            for actor in limiters:
+                ray.kill(actor)
+    run["elapsed_s"] = time.perf_counter() - start
+
+    final = read_committed(storage, paths.images, columns=("object_id", "status", "host"))
+    record_ids = {oid for oid in records.column("object_id").to_pylist() if oid}
+    complete = record_ids.issubset(set(final.column("object_id").to_pylist()))
+    report = build_report(final, run, snapshot, len(record_ids), complete, paths.images)
+    storage.write_json(paths.images_report, report)
+    if complete:
+        storage.write_bytes(join(paths.images, SUCCESS), b"")
+    print_report(report, paths.images_report)
+    return report
+
+
+def _clean_stale_temporaries(storage, images_uri: str) -> None:
+    """Remove half-written shard files left by a killed run (local storage names them .<name>.tmp-<uuid>)."""
+    from artsim.storage import join
+
+    for name in storage.list(images_uri):
+        if name.startswith(".shard-") and ".tmp-" in name:
+            storage.delete(join(images_uri, name))
