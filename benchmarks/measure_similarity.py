@@ -43,12 +43,12 @@ def main(argv=None) -> int:
     from artsim.config import config_from_dict, load_config
     from artsim.console import say, table
     from artsim.demo import serve_directory
-    from artsim.models.artifact import model_key
+    from artsim.rundir.names import model_key
     from artsim.pipeline import run_stage
     from artsim.runtime import RunContext
     from artsim.mine.corpus import normalise_creator, normalise_term
     from artsim.train.evaluate import chance_recall_at_k, recall_at_k, relevance_from_labels
-    from artsim.mine.stage import load_embedding_matrix
+    from artsim.rundir.embeddings import load_embedding_matrix
 
     started = time.perf_counter()
     base = load_config(REPO / "configs" / "demo.yaml")

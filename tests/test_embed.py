@@ -10,7 +10,8 @@ from PIL import Image
 
 from artsim.config import EmbedConfig, config_from_dict
 from artsim.embed.stage import run_embed
-from artsim.models.artifact import build_embedder, model_key
+from artsim.models.artifact import build_embedder
+from artsim.rundir.names import model_key
 from artsim.embed.ray_embed import EmbeddingWriter, EmbedWorker, describe_bottleneck
 from artsim.models.preprocess import preprocess_batch
 from artsim.errors import ArtsimError, ConfigError

@@ -293,7 +293,7 @@ def test_run_mine_on_s3_with_annotations_and_hard_negatives(s3_endpoint):
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(80, 8)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    from artsim.models.artifact import model_key
+    from artsim.rundir.names import model_key
 
     emb = pa.table({"object_id": [r["object_id"] for r in recs],
                     "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), 8),
@@ -344,46 +344,6 @@ def test_same_collection_annotations_are_split_and_counted_once():
 
 
 # -- the mining pool: a bounded, deterministic, stratified sample of a large records/ -------------------------------
-
-def _reference_hash(object_id: str, seed: int) -> int:
-    """FNV-1a 64 over (seed as 8 little-endian bytes + UTF-8 id), then splitmix64: the documented definition."""
-    mask = (1 << 64) - 1
-    h = 0xCBF29CE484222325
-    for byte in (seed & mask).to_bytes(8, "little") + object_id.encode():
-        h = ((h ^ byte) * 0x100000001B3) & mask
-    h ^= h >> 30
-    h = (h * 0xBF58476D1CE4E5B9) & mask
-    h ^= h >> 27
-    h = (h * 0x94D049BB133111EB) & mask
-    return h ^ (h >> 31)
-
-
-def test_stable_hashes_match_the_definition_and_depend_on_the_seed():
-    import pyarrow as pa
-
-    from artsim.mine.corpus import stable_hashes
-
-    ids = ["met:1", "rijks:SK-A-1505", "", "é:ü", "x" * 300, "met:10", "met:1"]
-    for seed in (0, 7, -1):
-        assert stable_hashes(ids, seed).tolist() == [_reference_hash(i, seed) for i in ids]
-    sliced = pa.array(["skip", *ids], pa.string()).slice(1)  # an Arrow slice (offset into the buffers)
-    assert stable_hashes(sliced, 3).tolist() == stable_hashes(ids, 3).tolist()
-    assert stable_hashes(ids, 0)[0] != stable_hashes(ids, 1)[0]
-
-
-def test_pool_quotas_fill_the_pool_and_represent_every_collection():
-    from artsim.mine.corpus import MIN_PER_COLLECTION, pool_quotas
-
-    counts = {"big": 1_000_000, "mid": 5_000, "small": 300, "tiny": 4}
-    quotas = pool_quotas(counts, 2_000)
-    assert sum(quotas.values()) == 2_000
-    assert quotas["tiny"] == 4 and quotas["small"] == MIN_PER_COLLECTION  # the floor, not the 0.6 of a share
-    assert quotas["big"] > 15 * quotas["mid"] and all(quotas[c] <= counts[c] for c in counts)
-    assert pool_quotas(counts, 2_000_000) == counts  # it all fits: nothing is sampled
-    assert sum(pool_quotas({f"c{i}": 10 for i in range(50)}, 60).values()) == 60  # floor shrinks with many
-    with pytest.raises(ValueError, match="collections do not fit"):
-        pool_quotas({f"c{i}": 10 for i in range(50)}, 40)
-
 
 def _write_records(ctx, recs, files=3):
     from artsim.storage import join
@@ -436,7 +396,7 @@ def test_pool_is_deterministic_stratified_and_adds_annotated_objects(tmp_path):
     other, other_info = read_pool(ctx.storage, ctx.paths.records, 600, seed=6, always=annotated)
     assert set(other.object_ids) != in_pool and other.size == 600 + other_info.annotated_added
     # the pool is the quota's smallest salted hashes of each collection
-    from artsim.mine.corpus import stable_hashes
+    from artsim.rundir.sample import stable_hashes
 
     a_ids = sorted((r["object_id"] for r in recs if r["collection"] == "a"))
     ranked = np.array(a_ids)[np.argsort(stable_hashes(a_ids, 5), kind="stable")]
@@ -557,7 +517,7 @@ def test_mine_driver_memory_follows_the_pool_not_records(tmp_path):
 def test_embedding_batches_stream_only_the_kept_rows_normalised(tmp_path):
     import pyarrow as pa
 
-    from artsim.mine.stage import iter_embedding_batches, load_embedding_matrix
+    from artsim.rundir.embeddings import iter_embedding_batches, load_embedding_matrix
     from artsim.storage import Storage
 
     storage = Storage()
@@ -582,5 +542,6 @@ def test_embedding_batches_stream_only_the_kept_rows_normalised(tmp_path):
     bad = table.set_column(1, "embedding", pa.FixedSizeListArray.from_arrays(
         pa.array(np.where(np.arange(8000) == 4100, np.nan, vectors.ravel().astype(np.float32))), 8))
     storage.write_table(bad, str(tmp_path / "bad"))
-    with pytest.raises(ArtsimError, match="NaN or infinite"):
-        load_embedding_matrix(storage, str(tmp_path / "bad"))
+    # the run directory's one rule (artsim.rundir.embeddings): a row with a NaN is skipped, as the index skips it
+    bad_ids, bad_matrix = load_embedding_matrix(storage, str(tmp_path / "bad"))
+    assert bad_ids == ids[:512] + ids[513:] and np.isfinite(bad_matrix).all()

@@ -106,8 +106,8 @@ import sys  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from artsim.report.inputs import (allocate, read_sample_vectors, report_sample, stable_hash,  # noqa: E402
-                                  strongest_links)
+from artsim.report.inputs import read_sample_vectors, report_sample, strongest_links  # noqa: E402
+from artsim.rundir.sample import allocate, stable_hashes  # noqa: E402
 from artsim.storage import join  # noqa: E402
 from conftest import REPO  # noqa: E402
 
@@ -152,7 +152,7 @@ def _big_run(root, sizes=SIZES, dim=16, emb_files=5, max_works=200, seed=0, dtyp
 
 def _expected_sample(ids, max_works):
     """Brute force over all ids at once: per collection, the quota of ids with the smallest hash."""
-    hashes = stable_hash(pa.array(ids.tolist()))
+    hashes = stable_hashes(pa.array(ids.tolist()), 0)
     collection = np.array([o.split(":")[0] for o in ids])
     quotas = allocate({c: int((collection == c).sum()) for c in sorted(set(collection))}, max_works)
     out = set()
@@ -160,30 +160,6 @@ def _expected_sample(ids, max_works):
         mine = np.flatnonzero(collection == c)
         out |= set(ids[mine[np.argsort(hashes[mine], kind="stable")[:q]]].tolist())
     return out
-
-
-def test_stable_hash_is_batch_and_process_independent():
-    ids = ["met:1", "smk:KMS1234", "", "ÿé:x", None, "rijks:" + "x" * 70]
-    whole = stable_hash(pa.array(ids), 7)
-    assert (stable_hash(pa.array(ids[2:]), 7) == whole[2:]).all()
-    assert (stable_hash(pa.array(ids, pa.large_string()), 7) == whole).all()
-    assert (stable_hash(pa.array(ids), 8) != whole).all()  # the seed matters
-    assert whole[2] == whole[4]  # null hashes as ""
-    # the same values in another interpreter (no Python hash(), no per-process salt)
-    code = "import pyarrow as pa; from artsim.report.inputs import stable_hash; " \
-           f"print(stable_hash(pa.array({ids!r}), 7).tolist())"
-    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
-                           env=dict(os.environ, PYTHONHASHSEED="123", PYTHONPATH=str(REPO)))
-    assert json.loads(other.stdout) == whole.tolist(), other.stderr
-
-
-def test_allocate_sums_to_budget_keeps_every_collection_and_never_exceeds_counts():
-    counts = {"a": 100_000, "b": 5_000, "c": 40, "d": 1}
-    q = allocate(counts, 1_000)
-    assert sum(q.values()) == 1_000 and all(1 <= q[c] <= counts[c] for c in counts)
-    assert q["d"] == 1 and q["a"] > q["b"] > q["c"]  # small ones fully or fairly in, big ones by size
-    assert allocate(counts, 10**6) == counts
-    assert sum(allocate({"x": 7, "y": 7}, 13).values()) == 13
 
 
 def test_large_run_report_uses_a_deterministic_stratified_sample(tmp_path):

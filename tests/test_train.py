@@ -244,8 +244,9 @@ def test_training_learns_the_hidden_factor(head_run):
 def test_head_mode_projects_the_collection_like_embed_with_the_export(head_run):
     """train (head mode) writes embeddings/<model_key of the export>/: what `embed` with embed.weights=<export>
     would write -- same directory name, weights_id and vectors (checked against the export's own head)."""
-    from artsim.models.artifact import build_embedder, model_key
-    from artsim.mine.stage import load_embedding_matrix
+    from artsim.models.artifact import build_embedder
+    from artsim.rundir.names import model_key
+    from artsim.rundir.embeddings import load_embedding_matrix
 
     ctx, records, vectors = head_run["ctx"], head_run["records"], head_run["vectors"]
     export = ctx.paths.model_export("similarity")

@@ -25,10 +25,10 @@ import pyarrow.parquet as pq
 from artsim.config import EmbedConfig, StorageConfig
 from artsim.console import Progress, say
 from artsim.errors import ArtsimError, ConfigError
+from artsim.rundir.embeddings import EmbeddingWriter, embeddings_schema
 from artsim.storage import Storage, join
 
 # Row groups of about this many rows keep Parquet readers efficient without holding much in the driver.
-ROW_GROUP_ROWS = 2048
 # Failed images listed by id in _report.json (the counts are always complete).
 MAX_REPORTED_FAILURES = 1000
 
@@ -93,98 +93,6 @@ class EmbedWorker:
                 "prep_s": batch["prep_s"], "model_s": np.full(n, elapsed / max(n, 1))}
 
 
-def embeddings_schema(dim: int, dtype: str) -> pa.Schema:
-    value_type = pa.float16() if dtype == "float16" else pa.float32()
-    return pa.schema([("object_id", pa.string()), ("embedding", pa.list_(value_type, dim)), ("model", pa.string())])
-
-
-class EmbeddingWriter:
-    """Streams embedding batches into Parquet files under a (staging) directory URI, with exact counts.
-
-    Rows whose ``error`` is set are not written; they are counted and listed in ``_report.json``.
-    """
-
-    def __init__(self, storage: Storage, dir_uri: str, model_name: str, dim: int, dtype: str,
-                 rows_per_file: int = 50_000):
-        self.storage, self.dir_uri, self.model_name = storage, dir_uri, model_name
-        self.dim, self.dtype, self.rows_per_file = dim, dtype, rows_per_file
-        self.schema = embeddings_schema(dim, dtype)
-        self.np_dtype = np.float16 if dtype == "float16" else np.float32
-        self.written = 0
-        self.failed = 0
-        self.failures: list[dict] = []
-        self.files: list[str] = []
-        self._writer: Optional[pq.ParquetWriter] = None
-        self._sink = None
-        self._rows_in_file = 0
-        self._pending: list[pa.Table] = []
-        self._pending_rows = 0
-
-    def add(self, object_ids, embeddings: np.ndarray, errors) -> None:
-        errors = ["" if e is None else str(e) for e in errors]
-        ok = np.asarray([not e for e in errors], dtype=bool)
-        for oid, err in zip(object_ids, errors):
-            if err:
-                self.failed += 1
-                if len(self.failures) < MAX_REPORTED_FAILURES:
-                    self.failures.append({"object_id": str(oid), "error": err})
-        if not ok.any():
-            return
-        vectors = np.ascontiguousarray(embeddings[ok], dtype=self.np_dtype)
-        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
-            raise ArtsimError(f"embedding batch has shape {vectors.shape}, expected (N, {self.dim})")
-        n = vectors.shape[0]
-        ids = [str(o) for o, good in zip(object_ids, ok) if good]
-        table = pa.Table.from_arrays([
-            pa.array(ids, pa.string()),
-            pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), self.dim),
-            pa.array([self.model_name] * n, pa.string()),
-        ], schema=self.schema)
-        self._pending.append(table)
-        self._pending_rows += n
-        if self._pending_rows >= ROW_GROUP_ROWS:
-            self._flush()
-
-    def _flush(self) -> None:
-        while self._pending_rows:
-            if self._writer is None:
-                self._open()
-            room = self.rows_per_file - self._rows_in_file
-            table = pa.concat_tables(self._pending).combine_chunks()
-            head, rest = table.slice(0, room), table.slice(room)
-            self._writer.write_table(head, row_group_size=ROW_GROUP_ROWS)
-            self._rows_in_file += head.num_rows
-            self.written += head.num_rows
-            self._pending = [rest] if rest.num_rows else []
-            self._pending_rows = rest.num_rows
-            if self._rows_in_file >= self.rows_per_file:
-                self._close_file()
-
-    def _open(self) -> None:
-        uri = join(self.dir_uri, f"part-{len(self.files):05d}.parquet")
-        fs, path = self.storage.arrow_fs(uri)
-        if isinstance(fs, pafs.LocalFileSystem):
-            fs.create_dir(os.path.dirname(path), recursive=True)
-        self._sink = fs.open_output_stream(path)  # on S3 a multipart upload: the object appears on close only
-        self._writer = pq.ParquetWriter(self._sink, self.schema, compression="zstd")
-        self.files.append(uri)
-        self._rows_in_file = 0
-
-    def _close_file(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._sink.close()
-            self._writer = self._sink = None
-
-    def close(self) -> None:
-        self._flush()
-        self._close_file()
-        if not self.files:  # no ok image: still a valid (empty) dataset with the right schema
-            self._open()
-            self._writer.write_table(self.schema.empty_table())
-            self._close_file()
-
-
 def describe_bottleneck(wall_s: float, model_s: float, prep_s: float, num_actors: int) -> tuple[str, dict]:
     """Which stage bounded throughput, from the busy time each side reported (seconds summed over batches)."""
     wall_s = max(wall_s, 1e-9)
@@ -222,7 +130,8 @@ def run_embed(ctx, **_options) -> dict:
     import ray
     from ray.data.expressions import col
 
-    from artsim.models.artifact import describe_model, model_description, model_key
+    from artsim.models.artifact import describe_model, model_description
+    from artsim.rundir.names import model_key
     from artsim.models.preprocess import preprocess_batch
 
     cfg: EmbedConfig = ctx.config.embed

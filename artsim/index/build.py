@@ -1,7 +1,7 @@
 """Plain (Ray-free) steps of building an index: read embeddings, assign stable ids, attach facets, train, add.
 
 Everything here takes and returns numpy arrays, pyarrow tables and bytes, so it is tested without Ray; the Ray
-layer in ``artsim/index/__init__.py`` only decides where each step runs.
+layer in ``artsim/index/stage.py`` only decides where each step runs.
 """
 from __future__ import annotations
 
@@ -18,11 +18,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from artsim.errors import ArtsimError, ConfigError
+from artsim.rundir.embeddings import (check_embedding_type, first_good_rows, fixed_dim, max_list_length,
+                                      vector_batch)
+from artsim.rundir.names import collections_of
 from artsim.serving.shards import sha256_file
 from artsim.serving.topk import exact_topk, merge_topk
 
 log = logging.getLogger("artsim.index")
-NORM_TOLERANCE = 1e-2  # embeddings are stored L2-normalised; float16 storage moves norms by ~1e-3
 
 
 @dataclass
@@ -53,83 +55,6 @@ def embeddings_from_table(table: pa.Table) -> Embeddings:
     keep, skipped = first_good_rows(object_ids, good)
     return Embeddings(np.asarray(object_ids.take(pa.array(keep)).to_pylist(), dtype=object),
                       np.ascontiguousarray(vectors[keep]), skipped)
-
-
-def check_embedding_type(dtype: pa.DataType) -> None:
-    if not (pa.types.is_fixed_size_list(dtype) or pa.types.is_list(dtype) or pa.types.is_large_list(dtype)):
-        raise ArtsimError(f"embeddings: column 'embedding' must be a list of floats, got {dtype}")
-
-
-def fixed_dim(dtype: pa.DataType) -> Optional[int]:
-    """The dimension a fixed-size list type declares; None for variable-length lists (found by reading them)."""
-    return dtype.list_size if pa.types.is_fixed_size_list(dtype) else None
-
-
-def max_list_length(emb: pa.Array) -> int:
-    lengths = pc.list_value_length(emb).to_numpy(zero_copy_only=False)
-    lengths = lengths[np.isfinite(lengths)] if lengths.dtype.kind == "f" else lengths  # nulls read as NaN
-    return int(lengths.max()) if len(lengths) else 0
-
-
-def vector_batch(emb: pa.Array, dim: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """One batch of the ``embedding`` column as (float32 vectors (rows, dim), good mask, number normalised here).
-
-    A row is good when it is a non-null list of ``dim`` non-null finite values, not all zero. Good rows that are
-    not unit length are normalised in place (so inner product stays cosine similarity); bad rows are left as zeros
-    or garbage and must not be used."""
-    if isinstance(emb, pa.ChunkedArray):
-        emb = emb.combine_chunks()
-    check_embedding_type(emb.type)
-    n = len(emb)
-    values = None
-    if emb.null_count == 0:
-        if pa.types.is_fixed_size_list(emb.type):
-            values = emb.flatten() if emb.type.list_size == dim else None
-        else:
-            lengths = pc.list_value_length(emb).to_numpy(zero_copy_only=False)
-            values = emb.flatten() if np.all(lengths == dim) else None
-    if values is not None:  # null values inside a list read as NaN: non-finite, so the row is bad
-        vectors = values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(n, dim)
-        valid_shape = np.ones(n, dtype=bool)
-    else:  # nulls or ragged rows: go row by row and mark the bad ones
-        vectors = np.zeros((n, dim), dtype=np.float32)
-        valid_shape = np.zeros(n, dtype=bool)
-        for i, row in enumerate(emb.to_pylist()):
-            if row is not None and len(row) == dim and all(v is not None for v in row):
-                vectors[i] = row
-                valid_shape[i] = True
-    with np.errstate(invalid="ignore", over="ignore"):
-        norms = np.linalg.norm(vectors, axis=1)
-        finite = np.isfinite(vectors).all(axis=1)
-    good = valid_shape & finite & (norms > 0)
-    off_norm = good & (np.abs(norms - 1.0) > NORM_TOLERANCE)
-    if off_norm.any():
-        if not vectors.flags.writeable:
-            vectors = vectors.copy()
-        vectors[off_norm] /= norms[off_norm, None]
-    return vectors, good, int(off_norm.sum())
-
-
-def first_good_rows(object_ids: pa.Array, good_vectors: np.ndarray) -> tuple[np.ndarray, dict]:
-    """Rows to index: a good vector and a non-empty object_id, and the first such row of each object_id.
-
-    Returns (sorted row positions as int64, skipped counts by reason). Runs on the object_id column and one bool
-    per row, never on the vectors, so the index stage's driver can call it at any scale."""
-    if isinstance(object_ids, pa.ChunkedArray):
-        object_ids = object_ids.combine_chunks()
-    has_id = pc.fill_null(pc.greater(pc.utf8_length(object_ids), 0), False).to_numpy(zero_copy_only=False)
-    good = np.asarray(good_vectors, dtype=bool) & has_id
-    skipped: dict[str, int] = {}
-    _count(skipped, "bad_vector_or_id", int(len(good) - good.sum()))
-    rows = np.nonzero(good)[0].astype(np.int64)
-    if len(rows):
-        grouped = pa.table({"object_id": object_ids.take(pa.array(rows)), "row": rows}).group_by(
-            "object_id", use_threads=False).aggregate([("row", "min")])
-        keep = np.sort(grouped.column("row_min").to_numpy())
-    else:
-        keep = rows
-    _count(skipped, "duplicate_object_id", len(rows) - len(keep))
-    return keep, skipped
 
 
 def _count(d: dict, key: str, n: int) -> None:
@@ -421,12 +346,8 @@ def id_table(ids: np.ndarray, object_ids: np.ndarray, shard_of: np.ndarray, reco
             dtype = pa.int32() if c in ("date_begin", "date_end") else pa.string()
             table = table.append_column(c, pa.nulls(table.num_rows, dtype))
     if "collection" in table.column_names:
-        oids = table.column("object_id")
-        prefix = pc.if_else(pc.match_substring(oids, ":"),  # "met:436002" -> "met", vectorised (tens of millions)
-                            pc.list_element(pc.split_pattern(oids, ":", max_splits=1), 0),
-                            pa.scalar(None, pa.string()))
-        table = table.set_column(table.column_names.index("collection"), "collection",
-                                 pc.coalesce(table.column("collection"), prefix))
+        collections = collections_of(table.column("object_id"), table.column("collection"))
+        table = table.set_column(table.column_names.index("collection"), "collection", collections)
     return table.sort_by("id")
 
 

@@ -37,38 +37,16 @@ from artsim.errors import ArtsimError, ConfigError, IntegrityError
 from artsim.index.build import (assign_ids, batch_rows_for, embedding_files, first_good_rows, fixed_dim, id_table,
                                 plan_shards, read_object_ids, read_record_columns, scan_pieces)
 from artsim.index.factory import IndexPlan, choose_factory, kind_of_factory, nlist_for
+from artsim.rundir.embeddings import first_good_rows, fixed_dim
 from artsim.rundir.index_manifest import FORMAT, IDS, MANIFEST, METRIC, validate_manifest
+from artsim.rundir.names import embeddings_key, index_name
 from artsim.storage import Storage, join
 
 log = logging.getLogger("artsim.index")
 TRUTH_K = 10  # recall@10 is what tuning measures
 MIN_TRAIN_PER_LIST = 40
 
-__all__ = ["run_index", "embeddings_key"]
-
-
-def embeddings_key(ctx) -> str:
-    """Which embeddings/<key>/ to index: index.embeddings, else the embed section's model key, else the only
-    complete embeddings directory in the run."""
-    storage, paths = ctx.storage, ctx.paths
-    if ctx.config.index.embeddings:
-        return ctx.config.index.embeddings
-    key = None
-    try:
-        from artsim.models.artifact import model_key
-
-        key = model_key(ctx.config.embed)
-    except ImportError:  # the embed package is optional for indexing vectors written by other tools
-        pass
-    if key and storage.is_complete(paths.embeddings(key)):
-        return key
-    base = join(paths.root, "embeddings")
-    found = [c for c in storage.list(base) if not c.startswith((".", "_")) and storage.is_complete(join(base, c))]
-    if key is None and len(found) == 1:
-        return found[0]
-    where = paths.embeddings(key) if key else base
-    raise ConfigError("index.embeddings", f"no complete embeddings at {where} (found: {', '.join(found) or 'none'});"
-                                          " run the embed stage or set index.embeddings")
+__all__ = ["run_index"]
 
 
 def _load_previous(storage: Storage, index_uri: str):
@@ -135,8 +113,8 @@ def run_index(ctx, **options) -> dict:
     cfg = ctx.config.index
     storage, paths = ctx.storage, ctx.paths
     started = time.perf_counter()
-    key = embeddings_key(ctx)
-    name = cfg.name or key
+    key = embeddings_key(ctx, cfg.embeddings)
+    name = index_name(ctx)
     emb_uri, index_uri = paths.embeddings(key), paths.index(name)
     storage_config = ctx.config.storage
 

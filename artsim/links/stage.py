@@ -68,17 +68,6 @@ def pair_stats(links: pa.Table, collection_of: dict) -> dict:
     return dict(stats)
 
 
-def links_name(ctx) -> str:
-    """links/<name>/ for this config: links.name, else index.name, else the indexed embeddings' key."""
-    if ctx.config.links.name:
-        return ctx.config.links.name
-    if ctx.config.index.name:
-        return ctx.config.index.name
-    from artsim.index.stage import embeddings_key
-
-    return embeddings_key(ctx)
-
-
 def run_links(ctx, **options) -> dict:
     import ray
 
@@ -89,6 +78,8 @@ def run_links(ctx, **options) -> dict:
     cfg = ctx.config.links
     storage, paths = ctx.storage, ctx.paths
     started = time.perf_counter()
+    from artsim.rundir.names import links_name
+
     name = links_name(ctx)
     index_uri, out_uri = paths.index(name), paths.links(name)
     if not storage.exists(join(index_uri, "manifest.json")):

@@ -11,6 +11,9 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from artsim.rundir.names import collection_of
+from artsim.rundir.sample import sample_rows, stream_batches
+
 # Term fields and how a reason names them ("shared subject: horses").
 TERM_FIELDS = {"subjects": "subject", "concepts": "concept", "object_type": "object type", "medium": "medium"}
 # Creator values that name nobody in particular; two such works are not "by the same creator".
@@ -157,7 +160,7 @@ def corpus_from_records(records: Iterable[dict], fields: Iterable[str] = tuple(T
             continue  # duplicates are the ingest stage's business; mining uses each object once
         seen.add(oid)
         object_ids.append(oid)
-        collections.append(r.get("collection") or oid.split(":", 1)[0])
+        collections.append(collection_of(oid, r.get("collection")))
         terms.append(record_terms(r, fields))
         creators.append(r.get("creator"))
         texts.append(record_text(r))
@@ -178,115 +181,7 @@ def corpus_from_records(records: Iterable[dict], fields: Iterable[str] = tuple(T
 # The columns of records/ that mining reads (corpus_from_records and record_text); the others are never read.
 MINING_COLUMNS = ("object_id", "collection", "title", "creator", "culture", "medium", "object_type", "subjects",
                   "concepts", "description")
-MIN_PER_COLLECTION = 100  # a sampled collection keeps at least this many objects (all of them when it has fewer)
-ID_BATCH_ROWS = 65_536  # rows per Arrow batch while streaming object ids and collections
 ROW_BATCH_ROWS = 4_096  # rows per Arrow batch while streaming the mining columns (descriptions can be long)
-
-_FNV_OFFSET, _FNV_PRIME, _MASK64 = 0xCBF29CE484222325, 0x100000001B3, (1 << 64) - 1
-
-
-def _splitmix64_finish(z: np.ndarray) -> np.ndarray:
-    """The splitmix64 finaliser: FNV-1a's low bits are weak, and the pool compares whole 64-bit values."""
-    z = z.copy()
-    z ^= z >> np.uint64(30)
-    z *= np.uint64(0xBF58476D1CE4E5B9)
-    z ^= z >> np.uint64(27)
-    z *= np.uint64(0x94D049BB133111EB)
-    z ^= z >> np.uint64(31)
-    return z
-
-
-def stable_hashes(object_ids, seed: int) -> np.ndarray:
-    """uint64 hash of each object id salted with ``seed``: FNV-1a 64 over the seed's 8 little-endian bytes then the
-    id's UTF-8 bytes, then the splitmix64 finaliser. Unlike ``hash()`` it is the same in every process and on every
-    machine. Vectorised over an Arrow string array (a list of str works too); ids must not be null."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    arr = object_ids if isinstance(object_ids, (pa.Array, pa.ChunkedArray)) else pa.array(object_ids, pa.string())
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
-    arr = pc.cast(arr, pa.large_string())
-    if arr.null_count:
-        raise ValueError("stable_hashes: object ids must not be null")
-    n = len(arr)
-    h0 = _FNV_OFFSET
-    for byte in (seed & _MASK64).to_bytes(8, "little"):
-        h0 = ((h0 ^ byte) * _FNV_PRIME) & _MASK64
-    if n == 0:
-        return np.zeros(0, np.uint64)
-    buffers = arr.buffers()
-    offsets = np.frombuffer(buffers[1], dtype=np.int64)[arr.offset:arr.offset + n + 1]
-    data = np.frombuffer(buffers[2], dtype=np.uint8) if buffers[2] is not None else np.zeros(0, np.uint8)
-    lengths = np.diff(offsets)
-    order = np.argsort(-lengths, kind="stable")  # longest first: position j touches a prefix of this order
-    starts, descending = offsets[:-1][order], lengths[order]
-    h = np.full(n, h0, dtype=np.uint64)
-    prime = np.uint64(_FNV_PRIME)
-    with np.errstate(over="ignore"):
-        for j in range(int(descending[0])):
-            k = int(np.searchsorted(-descending, -j, side="left"))  # ids longer than j bytes
-            h[:k] = (h[:k] ^ data[starts[:k] + j].astype(np.uint64)) * prime
-        out = np.empty(n, dtype=np.uint64)
-        out[order] = _splitmix64_finish(h)
-    return out
-
-
-def pool_quotas(counts: dict[str, int], max_objects: int) -> dict[str, int]:
-    """Objects per collection in a pool of at most ``max_objects``: everything when it fits; otherwise each
-    collection keeps min(its size, a floor) and the rest is shared in proportion to size (largest remainders)."""
-    total = sum(counts.values())
-    if total <= max_objects:
-        return dict(counts)
-    if len(counts) > max_objects:
-        raise ValueError(f"{len(counts)} collections do not fit in a pool of {max_objects} objects "
-                         "(every collection needs at least one)")
-    floor = min(MIN_PER_COLLECTION, max_objects // len(counts))
-    base = {c: min(n, floor) for c, n in counts.items()}
-    rest = max_objects - sum(base.values())
-    capacity = {c: counts[c] - base[c] for c in counts}
-    room = sum(capacity.values())  # > rest, since total > max_objects
-    raw = {c: rest * capacity[c] / room for c in counts}
-    extra = {c: int(v) for c, v in raw.items()}
-    for c in sorted(raw, key=lambda c: (extra[c] - raw[c], c))[:rest - sum(extra.values())]:
-        extra[c] += 1  # raw < capacity, so one more never exceeds a collection's size
-    return {c: base[c] + extra[c] for c in counts}
-
-
-def _num_rows(storage, file_uri: str) -> int:
-    import pyarrow.parquet as pq
-
-    fs, path = storage.arrow_fs(file_uri)
-    with fs.open_input_file(path) as handle:
-        return pq.ParquetFile(handle).metadata.num_rows
-
-
-def stream_batches(storage, files: list[str], columns: Sequence[str], batch_rows: int = ROW_BATCH_ROWS):
-    """(first global row, batch) over every file in order, only the ``columns`` each file has."""
-    first = 0
-    for file_uri in files:
-        for batch in storage.iter_batches(file_uri, list(columns), batch_rows):
-            yield first, batch
-            first += batch.num_rows
-
-
-def _ids_and_collections(batch):
-    """(valid mask, object ids, collection keys) of a batch: the collection as corpus_from_records derives it."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    names = batch.schema.names
-    ids = batch.column(names.index("object_id"))
-    valid = pc.fill_null(pc.not_equal(ids, ""), False)
-    ids = pc.filter(ids, valid)
-    prefix = pc.list_element(pc.split_pattern(ids, ":", max_splits=1), 0)
-    if "collection" in names:
-        given = pc.filter(batch.column(names.index("collection")), valid)
-        missing = pc.fill_null(pc.equal(given, ""), True)
-        collections = pc.if_else(missing, prefix, given)
-    else:
-        collections = prefix
-    return valid.to_numpy(zero_copy_only=False), ids, pa.array(collections, pa.string())
 
 
 @dataclass
@@ -314,50 +209,6 @@ class PoolInfo:
                 "quotas": self.quotas}
 
 
-def _pick_rows(storage, files: list[str], quotas: dict[str, int], seed: int) -> np.ndarray:
-    """Global rows of the pool (sorted): per collection, the quota's smallest (hash, row)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    names = sorted(quotas)
-    value_set = pa.array(names, pa.string())
-    quota = np.array([quotas[c] for c in names], dtype=np.int64)
-    cutoff = np.full(len(names), np.iinfo(np.uint64).max, dtype=np.uint64)  # hashes above cannot get in
-    kept = (np.zeros(0, np.int64), np.zeros(0, np.uint64), np.zeros(0, np.int64))  # code, hash, row
-    pending: list = []
-    pending_rows = 0
-
-    def trim(parts):
-        code = np.concatenate([p[0] for p in parts])
-        hashes = np.concatenate([p[1] for p in parts])
-        rows = np.concatenate([p[2] for p in parts])
-        order = np.lexsort((rows, hashes, code))
-        code, hashes, rows = code[order], hashes[order], rows[order]
-        group_start = np.searchsorted(code, np.arange(len(names)))
-        keep = (np.arange(len(code)) - group_start[code]) < quota[code]
-        code, hashes, rows = code[keep], hashes[keep], rows[keep]
-        full = (np.bincount(code, minlength=len(names)) >= quota) & (quota > 0)
-        last = np.searchsorted(code, np.arange(len(names)), side="right") - 1
-        cutoff[full] = hashes[last[full]]
-        return code, hashes, rows
-
-    for first, batch in stream_batches(storage, files, ("object_id", "collection"), ID_BATCH_ROWS):
-        valid, ids, collections = _ids_and_collections(batch)
-        if len(ids) == 0:
-            continue
-        code = pc.index_in(collections, value_set=value_set).to_numpy(zero_copy_only=False).astype(np.int64)
-        hashes = stable_hashes(ids, seed)
-        rows = first + np.flatnonzero(valid)
-        near = hashes <= cutoff[code]
-        pending.append((code[near], hashes[near], rows[near]))
-        pending_rows += int(near.sum())
-        if pending_rows > max(int(quota.sum()), ID_BATCH_ROWS):
-            kept = trim([kept, *pending])
-            pending, pending_rows = [], 0
-    kept = trim([kept, *pending])
-    return np.sort(kept[2])
-
-
 def read_pool(storage, uri: str, max_objects: int, seed: int, fields: Iterable[str] = tuple(TERM_FIELDS),
               always: Iterable[str] = (), files: Optional[list[str]] = None) -> tuple[MiningCorpus, PoolInfo]:
     """The mining corpus of records/ at ``uri``: every record when there are at most ``max_objects``, else the
@@ -367,21 +218,10 @@ def read_pool(storage, uri: str, max_objects: int, seed: int, fields: Iterable[s
     import pyarrow.compute as pc
 
     files = storage.dataset_files(uri) if files is None else files
-    total_rows = sum(_num_rows(storage, f) for f in files)  # from the footers: nothing is read yet
-    info = PoolInfo(records=total_rows, max_objects=max_objects)
-    picked: Optional[np.ndarray] = None
-    if total_rows > max_objects:
-        counts: dict[str, int] = {}
-        for _, batch in stream_batches(storage, files, ("object_id", "collection"), ID_BATCH_ROWS):
-            _, _, collections = _ids_and_collections(batch)
-            for item in pc.value_counts(collections).to_pylist():
-                counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
-        info.records = sum(counts.values())
-        info.collections = len(counts)
-        if info.records > max_objects:
-            quotas = pool_quotas(counts, max_objects)
-            info.sampled, info.quotas = True, quotas
-            picked = _pick_rows(storage, files, quotas, seed)
+    sample = sample_rows(storage, files, max_objects, seed)
+    info = PoolInfo(records=sample.total, max_objects=max_objects, sampled=sample.sampled,
+                    collections=len(sample.counts), quotas=sample.quotas)
+    picked: Optional[np.ndarray] = sample.rows if sample.sampled else None
     always_ids = pa.array(sorted(set(always)), pa.string())
 
     def rows():

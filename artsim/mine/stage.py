@@ -22,6 +22,8 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 
+from artsim.rundir.embeddings import load_embedding_matrix
+from artsim.rundir.names import embeddings_key
 from artsim.config import MineConfig
 from artsim.console import say, table
 from artsim.errors import ArtsimError, ConfigError
@@ -260,71 +262,6 @@ def parse_annotations_csv(text: str, source: str = "mine.annotations") -> list[A
     return rows
 
 
-def _embedding_values(uri: str, ids_count: int, col) -> np.ndarray:
-    """An Arrow list / fixed-size-list column of ``ids_count`` rows -> float32 (rows, d) (not normalised)."""
-    if pa.types.is_fixed_size_list(col.type):
-        dim = col.type.list_size
-        values = col.flatten().to_numpy(zero_copy_only=False)
-    elif pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
-        values = col.flatten().to_numpy(zero_copy_only=False)
-        dim = len(values) // ids_count
-        if dim * ids_count != len(values):
-            raise ArtsimError(f"{uri}: embeddings have different lengths")
-    else:
-        raise ArtsimError(f"{uri}: column 'embedding' is {col.type}, expected a list of floats")
-    return np.asarray(values, dtype=np.float32).reshape(ids_count, dim)
-
-
-def iter_embedding_batches(storage, uri: str, keep=None, batch_rows: int = 65_536):
-    """embeddings/<key>/ streamed: (object_ids, float32 (rows, d) unit rows) per batch, only the ``keep`` ids when
-    given. Rows are re-normalised (float16 storage); NaN / infinite values are an error. Memory: one batch."""
-    import pyarrow.compute as pc
-
-    from artsim.mine.corpus import stream_batches
-
-    wanted = None if keep is None else pa.array(sorted(keep), pa.string())
-    dim = None
-    for _, batch in stream_batches(storage, storage.dataset_files(uri), ["object_id", "embedding"], batch_rows):
-        if wanted is not None:
-            batch = batch.filter(pc.fill_null(pc.is_in(batch.column(0), value_set=wanted), False))
-        if not batch.num_rows:
-            continue
-        matrix = _embedding_values(uri, batch.num_rows, batch.column(1))
-        if dim is not None and matrix.shape[1] != dim:
-            raise ArtsimError(f"{uri}: embeddings have different lengths")
-        dim = matrix.shape[1]
-        if not np.isfinite(matrix).all():
-            raise ArtsimError(f"{uri}: embeddings contain NaN or infinite values")
-        norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-        yield batch.column(0).to_pylist(), matrix / np.maximum(norms, 1e-12)
-
-
-def load_embedding_matrix(storage, uri: str, keep=None) -> tuple[list[str], np.ndarray]:
-    """embeddings/<key>/ -> (object_ids, float32 (N, d) unit rows).
-
-    ``keep`` (a collection of object ids, e.g. the mining pool or the objects triplets name): only those rows, read
-    in streamed batches, so the driver never holds the embeddings of a whole aggregator.
-    """
-    ids, parts = [], []
-    for batch_ids, matrix in iter_embedding_batches(storage, uri, keep):
-        ids.extend(batch_ids)
-        parts.append(matrix)
-    if not ids:
-        return [], np.zeros((0, 0), np.float32)
-    return ids, np.concatenate(parts)
-
-
-def embeddings_key(ctx, cfg: MineConfig) -> Optional[str]:
-    """Which embeddings/<key>/ hard_negatives uses: mine.embeddings, else the embed section's model key."""
-    if cfg.embeddings:
-        return cfg.embeddings
-    try:
-        from artsim.models.artifact import model_key
-    except ImportError:
-        return None
-    return model_key(ctx.config.embed)
-
-
 def run_mine(ctx, **_options) -> dict:
     cfg: MineConfig = ctx.config.mine
     storage, paths = ctx.storage, ctx.paths
@@ -365,7 +302,7 @@ def run_mine(ctx, **_options) -> dict:
         inputs.text_vectors = np.concatenate(vectors)
         say(f"mine: embedded {corpus.size} metadata texts in {time.perf_counter() - t0:.1f} s")
     if "hard_negatives" in wanted:
-        key = embeddings_key(ctx, cfg)
+        key = embeddings_key(ctx, cfg.embeddings, "mine.embeddings", required=False)
         inputs.image_embeddings_name = f"embeddings/{key}" if key else None
         uri = paths.embeddings(key) if key else None
         if uri and storage.is_complete(uri):
@@ -408,4 +345,4 @@ def run_mine(ctx, **_options) -> dict:
 
 
 __all__ = ["STRATEGIES", "MiningInputs", "MiningResult", "allocate", "mine_triplets", "parse_annotations_csv",
-           "load_embedding_matrix", "run_mine", "TRIPLETS_SCHEMA"]
+           "run_mine", "TRIPLETS_SCHEMA"]

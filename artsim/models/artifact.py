@@ -43,6 +43,7 @@ import numpy as np
 import torch.nn as nn
 
 from artsim.errors import ArtsimError, ConfigError, IntegrityError
+from artsim.rundir.names import is_artifact_uri, model_key
 from artsim.storage import Storage, join
 
 ARTIFACT_FORMAT = "artsim-model/1"
@@ -397,11 +398,6 @@ def fetch_torchvision_state(url: str, timeout_s: float = DOWNLOAD_TIMEOUT_S) -> 
         raise ArtsimError(f"{path}: cannot load checkpoint: {exc}") from None
 
 
-def is_artifact_uri(weights: str) -> bool:
-    """Weights that look like a location (scheme, path separator, or an existing path) name an artifact."""
-    return "://" in weights or "/" in weights or os.sep in weights or os.path.exists(weights)
-
-
 def backbone_spec(model: str, weights: Optional[str], seed: int, image_size: Optional[int] = None) -> ModelSpec:
     """The spec of a bare backbone (no head) from a torchvision name and weights name (or None for random init)."""
     resize_ratio = 1.0
@@ -443,28 +439,6 @@ def build_backbone(spec: ModelSpec, backbone_state: Optional[dict] = None):
 
 # ----------------------------------------------------------------------------------------------------------------
 # The embedding model
-
-
-def _safe_key_part(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._") or "model"
-
-
-def model_key(embed_cfg) -> str:
-    """Directory name under embeddings/ for this config; computed without loading anything.
-
-    "resnet50" (random init, seed 0), "resnet50-seed3", "resnet50-IMAGENET1K_V2", or for an artifact
-    "resnet50-<artifact directory name>" ("resnet50-similarity" for models/similarity/export).
-    """
-    model, weights = embed_cfg.model, embed_cfg.weights
-    if weights is None:
-        return _safe_key_part(model if embed_cfg.seed == 0 else f"{model}-seed{embed_cfg.seed}")
-    if is_artifact_uri(weights):
-        parts = [p for p in weights.rstrip("/").split("/") if p]
-        name = parts[-1] if parts else "artifact"
-        if name == "export" and len(parts) >= 2:
-            name = parts[-2]
-        return _safe_key_part(f"{model}-{name}")
-    return _safe_key_part(f"{model}-{weights.split('.')[-1]}")
 
 
 class Embedder(nn.Module):

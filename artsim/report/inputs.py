@@ -46,11 +46,11 @@ class Sample:
 def report_sample(ctx, max_works: int) -> tuple[Optional[str], Sample]:
     """The embeddings the index stage uses (same rule: index.embeddings, else embed's model key, else the only
     complete directory) and the rows of them the report reads; nothing when the run has none yet."""
-    from artsim.index.stage import embeddings_key
-    from artsim.index.build import check_embedding_type, fixed_dim
+    from artsim.rundir.embeddings import check_embedding_type, fixed_dim
+    from artsim.rundir.names import embeddings_key
 
     try:
-        key = embeddings_key(ctx)
+        key = embeddings_key(ctx, ctx.config.index.embeddings)
     except ConfigError:  # no embeddings in this run (yet): the report shows what there is
         return None, Sample()
     uri = ctx.paths.embeddings(key)
@@ -71,122 +71,13 @@ def report_sample(ctx, max_works: int) -> tuple[Optional[str], Sample]:
 
 
 def plan_sample(storage, files: list, max_works: int, seed: int = _SAMPLE_SEED) -> Sample:
-    """Choose at most ``max_works`` rows of the embedding files, reading only their object_id column.
+    """Choose at most ``max_works`` rows of the embedding files, reading only their object_id column: the run
+    directory's one stable per-collection sample (``artsim.rundir.sample.sample_rows``; the collection is the
+    object_id prefix, as embeddings carry no collection column)."""
+    from artsim.rundir.sample import sample_rows
 
-    Below ``max_works`` rows: every row. Above: per collection (the object_id prefix, ``<collection>:<id>``), the
-    rows with the smallest ``stable_hash(object_id, seed)`` — a uniform random sample that is the same for the same
-    run, however the files are split. How many per collection: ``allocate``. Memory: at most 2 x ``max_works``
-    (hash, row) pairs per collection, whatever the run's size.
-    """
-    total = sum(n for _, n in files)
-    pools: dict[str, _Pool] = {}
-    position = 0
-    for file_uri, _ in files:
-        for batch in storage.iter_batches(file_uri, ["object_id"]):
-            ids = batch.column(0)
-            rows = position + np.arange(len(ids), dtype=np.int64)
-            position += len(ids)
-            valid = pc.is_valid(ids).to_numpy(zero_copy_only=False)
-            if not valid.all():  # a row without an id is never shown
-                ids, rows = ids.filter(pa.array(valid)), rows[valid]
-            hashes = stable_hash(ids, seed)
-            collections = id_collections(ids).dictionary_encode()
-            codes = collections.indices.to_numpy(zero_copy_only=False)
-            for code, name in enumerate(collections.dictionary.to_pylist()):
-                mine = codes == code
-                pools.setdefault(name, _Pool()).add(hashes[mine], rows[mine], keep=max_works)
-    by_collection = {name: pool.count for name, pool in pools.items()}
-    if total <= max_works:
-        return Sample(files, None, total, np.arange(total, dtype=np.int64), False, by_collection)
-    quotas = allocate(by_collection, max_works)
-    chosen = [pools[name].smallest(q) for name, q in quotas.items() if q > 0]
-    rows = np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
-    return Sample(files, None, total, rows, True, by_collection)
-
-
-class _Pool:
-    """The rows of one collection with the smallest hashes seen so far (bounded), and how many rows it has."""
-
-    def __init__(self):
-        self.hashes = np.zeros(0, np.uint64)
-        self.rows = np.zeros(0, np.int64)
-        self.count = 0
-
-    def add(self, hashes: np.ndarray, rows: np.ndarray, keep: int) -> None:
-        self.count += len(rows)
-        self.hashes = np.concatenate([self.hashes, hashes])
-        self.rows = np.concatenate([self.rows, rows])
-        if len(self.rows) > 2 * keep:  # trim now and then, not every batch: amortised O(rows)
-            order = np.lexsort((self.rows, self.hashes))[:keep]
-            self.hashes, self.rows = self.hashes[order], self.rows[order]
-
-    def smallest(self, n: int) -> np.ndarray:
-        return self.rows[np.lexsort((self.rows, self.hashes))[:n]]
-
-
-def allocate(counts: dict, budget: int) -> dict:
-    """How many works of each collection go into a sample of ``budget`` (everything when the total fits).
-
-    Every collection first gets up to budget / (2 x collections) works (so a small museum is not drowned by a big
-    one: with budget >= 2 x collections, every collection appears), the rest of the budget is shared in proportion
-    to what each has left (largest remainder, ties by name). Never more than a collection has; sums to ``budget``.
-    """
-    total = sum(counts.values())
-    if total <= budget:
-        return dict(counts)
-    floor = budget // (2 * len(counts))
-    base = {c: min(n, floor) for c, n in counts.items()}
-    left = budget - sum(base.values())
-    rest = {c: counts[c] - base[c] for c in counts}
-    rest_total = sum(rest.values())  # > left, since total > budget
-    share = {c: left * rest[c] // rest_total for c in counts}
-    remainder = {c: left * rest[c] % rest_total for c in counts}
-    for c in sorted(counts, key=lambda c: (-remainder[c], str(c)))[:left - sum(share.values())]:
-        share[c] += 1
-    return {c: base[c] + share[c] for c in counts}
-
-
-_FNV_OFFSET, _FNV_PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3)
-
-
-def stable_hash(ids, seed: int = 0) -> np.ndarray:
-    """uint64 per string: FNV-1a over its UTF-8 bytes, then a splitmix64 finaliser that mixes in ``seed``.
-
-    Vectorised over the Arrow buffers (tens of millions of ids in seconds, no Python string per row); the same
-    string gives the same value in any batch, process or machine (unlike Python's ``hash``). Nulls hash as "".
-    """
-    if isinstance(ids, pa.ChunkedArray):
-        ids = ids.combine_chunks()
-    if not (pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type)):
-        ids = ids.cast(pa.string())
-    n = len(ids)
-    if n == 0:
-        return np.zeros(0, np.uint64)
-    offset_type = np.int64 if pa.types.is_large_string(ids.type) else np.int32
-    buffers = ids.buffers()
-    offsets = np.frombuffer(buffers[1], offset_type, count=n + 1,
-                            offset=ids.offset * np.dtype(offset_type).itemsize).astype(np.int64)
-    data = np.frombuffer(buffers[2], np.uint8) if buffers[2] is not None else np.zeros(0, np.uint8)
-    starts, lengths = offsets[:-1], np.diff(offsets)
-    if ids.null_count:
-        lengths[~pc.is_valid(ids).to_numpy(zero_copy_only=False)] = 0
-    longest_first = np.argsort(-lengths, kind="stable")
-    still = np.searchsorted(-lengths[longest_first], -np.arange(int(lengths.max(initial=0))), side="left")
-    h = np.full(n, _FNV_OFFSET, np.uint64)
-    for j, m in enumerate(still):  # byte j of every string longer than j
-        rows = longest_first[:m]
-        h[rows] = (h[rows] ^ data[starts[rows] + j].astype(np.uint64)) * _FNV_PRIME
-    z = h ^ np.uint64((seed * 0x9E3779B97F4A7C15) % 2**64) ^ lengths.astype(np.uint64)
-    z = z + np.uint64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
-def id_collections(ids) -> pa.Array:
-    """The collection part of each ``<collection>:<local id>`` object id ("" when there is no colon)."""
-    return pc.if_else(pc.match_substring(ids, ":"), pc.list_element(pc.split_pattern(ids, ":", max_splits=1), 0),
-                      pa.scalar("", pa.string()))
+    chosen = sample_rows(storage, [uri for uri, _ in files], max_works, seed)
+    return Sample(files, None, sum(n for _, n in files), chosen.rows, chosen.sampled, chosen.counts)
 
 
 def read_sample_vectors(storage, sample: Sample) -> tuple[list[str], Optional[np.ndarray]]:
@@ -195,7 +86,7 @@ def read_sample_vectors(storage, sample: Sample) -> tuple[list[str], Optional[np
     wrong length) or a repeated object id is left out (the first good row of an id wins, as in the index stage)."""
     import pyarrow.parquet as pq
 
-    from artsim.index.build import max_list_length, vector_batch
+    from artsim.rundir.embeddings import max_list_length, vector_batch
 
     wanted, dim = sample.rows, sample.dim
     ids_out: list[str] = []
@@ -245,7 +136,7 @@ def read_sample_vectors(storage, sample: Sample) -> tuple[list[str], Optional[np
 
 def report_links_uri(ctx) -> Optional[str]:
     """The links the links stage writes for this config (links.name, else index.name, else the embeddings key)."""
-    from artsim.links.stage import links_name
+    from artsim.rundir.names import links_name
 
     try:
         uri = ctx.paths.links(links_name(ctx))

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 
 from artsim.console import say
 from artsim.report.html import card as _card
+from artsim.rundir.names import collection_of
 from artsim.report.inputs import (count_and_select_records, filtered_rows, read_json_or_none, read_sample_vectors,
                                   report_links_uri, report_sample, strongest_links, thumbnails)
 from artsim.storage import join
@@ -153,7 +154,7 @@ def _overview_section(ctx, records_read, images_report, ingest_report, embedding
     n_sampled = len(vector_ids)
     sampled_by_collection: dict = {}
     for object_id in vector_ids if sample.is_sample else []:
-        name = (meta.get(object_id) or {}).get("collection") or object_id.split(":", 1)[0]
+        name = collection_of(object_id, (meta.get(object_id) or {}).get("collection"))
         sampled_by_collection[name] = sampled_by_collection.get(name, 0) + 1
     extra_head = "<th>in the sample</th>" if sample.is_sample else ""
     rows = ""

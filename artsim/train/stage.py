@@ -49,19 +49,16 @@ def _read_triplets(ctx) -> dict:
 
 def load_head_inputs(ctx, cfg: TrainConfig, triplets: dict):
     """(embedder spec, features by object for TrainingData, data) for head mode."""
-    from artsim.models.artifact import build_embedder, model_key
-    from artsim.mine.stage import load_embedding_matrix
+    from artsim.models.artifact import build_embedder
+    from artsim.rundir.names import embeddings_key
+    from artsim.rundir.embeddings import load_embedding_matrix
 
     embedder = build_embedder(ctx.config.embed, ctx.storage)
     if embedder.head is not None:
         raise ConfigError("embed.weights", "train.mode=head trains a head over backbone embeddings, but this "
                                            "artifact already has a head; set embed.weights to the backbone's "
                                            "weights (or null) or use train.mode=finetune")
-    key = cfg.embeddings or model_key(ctx.config.embed)
-    uri = ctx.paths.embeddings(key)
-    if not ctx.storage.is_complete(uri):
-        raise ArtsimError(f"{uri}: no complete embeddings (run the embed stage with the same embed section, or "
-                          "set train.embeddings)")
+    uri = ctx.paths.embeddings(embeddings_key(ctx, cfg.embeddings, "train.embeddings"))
     # Only the objects the triplets name (at most mine.max_objects and the curators' annotations), streamed: the
     # driver never holds the embeddings of the whole collection.
     needed = set(triplets["anchor_id"]) | set(triplets["positive_id"]) | set(triplets["negative_id"])
@@ -83,7 +80,7 @@ def _read_images(storage, images_uri: str, needed: set) -> dict:
     driver holds the images training uses, never the whole images/ of the collection."""
     import pyarrow.compute as pc
 
-    from artsim.mine.corpus import stream_batches
+    from artsim.rundir.sample import stream_batches
 
     wanted = pa.array(sorted(needed), pa.string())
     images = {}
@@ -251,9 +248,9 @@ def write_projected_embeddings(ctx, export_uri: str, source_uri: str, batch_rows
     at the cost of a matrix product instead of a second pass of the backbone over every image."""
     import torch
 
-    from artsim.models.artifact import build_head, load_artifact, model_description, model_key
-    from artsim.embed.ray_embed import EmbeddingWriter
-    from artsim.mine.stage import iter_embedding_batches
+    from artsim.models.artifact import build_head, load_artifact, model_description
+    from artsim.rundir.names import model_key
+    from artsim.rundir.embeddings import EmbeddingWriter, iter_embedding_batches
 
     embed_cfg = dataclasses.replace(ctx.config.embed, weights=export_uri)
     spec, _, head_state, weights_id = load_artifact(ctx.storage, export_uri)
