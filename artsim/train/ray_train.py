@@ -178,7 +178,6 @@ def train_loop_per_worker(config: dict) -> None:
     pair_keys = positive_pair_keys(data.anchors, data.positives, data.n_objects) if mining != "none" else None
     if not history and rank == 0:
         history.append({"epoch": 0, **_evaluate(encode, module, data, k, margin)})  # the untrained model
-    crash_epoch, crash_marker = config.get("crash_at_epoch"), config.get("crash_marker")
 
     for epoch in range(start_epoch + 1, config["epochs"] + 1):
         started = time.perf_counter()
@@ -188,14 +187,6 @@ def train_loop_per_worker(config: dict) -> None:
             batches = batches[:config["steps_per_epoch"]]  # a fresh permutation each epoch: other triplets next time
         total_loss, total_active, seen = 0.0, 0.0, 0
         for step, batch in enumerate(batches):
-            if (crash_epoch == epoch and rank == world - 1 and step == len(batches) // 2 and crash_marker
-                    and not os.path.exists(crash_marker)):
-                # Test-only fault injection (ARTSIM_TEST_CRASH_AT_EPOCH): die like a killed process, once. The
-                # pause first lets Ray Train's controller collect the previous epoch's report (it polls workers
-                # every 2 s); a checkpoint reported less than a poll before a crash is lost, as in any real failure.
-                open(crash_marker, "w").close()
-                time.sleep(5.0)
-                os._exit(1)
             a, p, n = data.anchors[batch], data.positives[batch], data.negatives[batch]
             objects, inverse = np.unique(np.concatenate([a, p, n]), return_inverse=True)
             m = len(batch)

@@ -27,12 +27,6 @@ from artsim.train.data import TrainingData, prepare_training_data
 from artsim.train.models import head_description, split_state
 from artsim.storage import join
 
-# Test-only fault injection: a worker exits (os._exit) in the middle of this epoch, once (the marker file says
-# it happened). Read by the driver and passed to the workers in their config.
-CRASH_AT_EPOCH_ENV = "ARTSIM_TEST_CRASH_AT_EPOCH"
-CRASH_MARKER_ENV = "ARTSIM_TEST_CRASH_MARKER"
-
-
 def _fingerprint(cfg: TrainConfig, head: dict, spec_dict: dict) -> str:
     """What must match for a checkpoint to be resumable (not epochs, workers or learning rate)."""
     key = json.dumps({"mode": cfg.mode, "head": head, "backbone": spec_dict.get("backbone")}, sort_keys=True)
@@ -189,9 +183,6 @@ def run_train(ctx, **_options) -> dict:
         "embed": dataclasses.asdict(ctx.config.embed), "storage": dataclasses.asdict(ctx.config.storage),
         "payload": ray.put(payload),
     }
-    if os.environ.get(CRASH_AT_EPOCH_ENV):
-        loop_config["crash_at_epoch"] = int(os.environ[CRASH_AT_EPOCH_ENV])
-        loop_config["crash_marker"] = os.environ.get(CRASH_MARKER_ENV)
     say(f"train: {cfg.num_workers} workers ({'GPU, nccl' if cfg.use_gpu else 'CPU, gloo'}), {cfg.epochs} epochs, "
         f"checkpoints in {model_uri}")
     result = ray_train.fit(loop_config, cfg.num_workers, cfg.use_gpu, cfg.cpus_per_worker, cfg.name, models_uri,
