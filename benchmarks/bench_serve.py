@@ -175,6 +175,32 @@ def http_run(port: int, qs: dict, clients: int, per_client: int, k: int, kinds=K
     return out
 
 
+def server_memory(index_uri: str, qs: dict, k: int) -> dict:
+    """PSS / RSS of a serving process after 500 id queries; per million vectors (shards are mmapped: their pages
+    count in RSS once touched, and in PSS split between the processes that map them)."""
+    from artsim.serving import ShardedIndex
+
+    index = ShardedIndex.open(index_uri)
+    n, shard_bytes = index.ntotal, sum(s["bytes"] for s in index.manifest["shards"])
+    ids_bytes = index.manifest["ids_bytes"]
+    index.close()
+    proc, port = start_server(index_uri, 8)
+    try:
+        _http_client((port, "id", qs, 0, 500, k, 0))
+        fields = {}
+        with open(f"/proc/{proc.pid}/smaps_rollup") as f:
+            for line in f:
+                parts = line.split()
+                if parts[0] in ("Rss:", "Pss:", "Pss_Anon:", "Pss_File:"):
+                    fields[parts[0][:-1].lower()] = int(parts[1]) / 1024
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    per_million = {f"{key}_mib_per_million": round(v * 1e6 / n, 1) for key, v in fields.items()}
+    return {"vectors": n, "shard_mib": round(shard_bytes / 2 ** 20, 1), "ids_mib": round(ids_bytes / 2 ** 20, 1),
+            **{f"{key}_mib": round(v, 1) for key, v in fields.items()}, **per_million}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=1_000_000)
@@ -183,11 +209,15 @@ def main() -> None:
     p.add_argument("--per-client", type=int, default=200, help="queries per client and kind")
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "out", "serve"))
+    p.add_argument("--memory-only", action="store_true", help="only measure the serving process's memory")
     args = p.parse_args()
     clients_list = [int(c) for c in args.clients.split(",")]
     os.makedirs(args.out, exist_ok=True)
     index_uri = build(args.out, args.n, args.dim)
     qs = queries(index_uri, 2000)
+    if args.memory_only:
+        print(json.dumps(server_memory(index_uri, qs, args.k)))
+        return
     report = {"n": args.n, "dim": args.dim, "cpus": os.cpu_count(), "k": args.k, "in_process": {}, "http": {},
               "scaling": {}}
     for c in clients_list:
@@ -210,6 +240,8 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(timeout=60)
+    report["memory"] = server_memory(index_uri, qs, args.k)
+    print(f"memory: {report['memory']}", flush=True)
     with open(os.path.join(args.out, f"results-{args.n}x{args.dim}.json"), "w") as f:
         json.dump(report, f, indent=2)
     print_report(report)
