@@ -1,4 +1,4 @@
-"""`artsim STAGE -c CONFIG [--set key.path=value ...]` and `artsim query ...` (see docs/DESIGN.md)."""
+"""`artsim STAGE -c CONFIG [--set key.path=value ...]`, `artsim query ...` and `artsim serve ...` (docs/DESIGN.md)."""
 from __future__ import annotations
 
 import argparse
@@ -92,7 +92,7 @@ def _guard(fn) -> int:
         return 2
 
 
-USAGE = f"usage: artsim {{{','.join(STAGES + ('pipeline', 'query', 'demo'))}}} ..."
+USAGE = f"usage: artsim {{{','.join(STAGES + ('pipeline', 'query', 'serve', 'demo'))}}} ..."
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         return stage_main(command, rest)
     if command == "query":
         return query_main(rest)
+    if command == "serve":
+        from artsim.serve.cli import serve_main
+
+        return serve_main(rest)
     if command == "demo":
         from artsim.demo import demo_main
 

@@ -25,9 +25,11 @@ true similarities (lowest first).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
-import tempfile
+import threading
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -47,6 +49,7 @@ from artsim.storage import Storage, is_s3, join, strip_scheme
 __all__ = ["ShardedIndex", "parse_where", "read_index_ids"]
 
 EXACT_SUBSET_MAX_BYTES = 512 * 1024 ** 2
+TEXT_MODEL_PREFIXES = ("open_clip:",)  # embed.model values whose embedders offer embed_texts
 MAX_QUERY_IMAGE_BYTES = 50_000_000
 _INTERNAL_COLUMNS = ("shard",)
 
@@ -81,9 +84,13 @@ class ShardedIndex:
         self._object_ids = np.asarray(table.column("object_id").to_pylist(), dtype=object)
         self._row_of_object: Optional[dict] = None
         self._subsets: OrderedDict[str, _Subset] = OrderedDict()
+        # Guards the subset cache and the lazily built embedder only; searches themselves run without a lock
+        # (FAISS releases the GIL), so concurrent requests use every core.
+        self._lock = threading.Lock()
         self.columns = {name: table.schema.field(name).type for name in table.column_names
                         if name not in ("id",) + _INTERNAL_COLUMNS}
         self._embedder = None
+        self._files: list[str] = []  # set by open(): the verified local files behind this index
 
     # -- opening -----------------------------------------------------------------------------------------------
     @classmethod
@@ -91,14 +98,20 @@ class ShardedIndex:
              mmap: bool = True) -> "ShardedIndex":
         storage = storage or Storage()
         uri = uri.rstrip("/")
-        manifest, table, files = _open_manifest_and_ids(uri, storage, cache_dir)
+        manifest, files = _read_manifest(uri, storage, cache_dir)
+        # Every file is verified (size + sha256) before any of them is parsed: a corrupt shard is refused without
+        # pyarrow or FAISS ever reading a byte of this version (tests/test_serve_integrity.py counts the calls).
+        ids_path = files.fetch(manifest["ids"], manifest["ids_sha256"], manifest["ids_bytes"], ".parquet")
+        shard_paths = [files.fetch(e["path"], e["sha256"], e["bytes"], ".faiss") for e in manifest["shards"]]
+        table = _read_id_table(ids_path, manifest)
         shards = []
-        for i, entry in enumerate(manifest["shards"]):
-            path = files.fetch(entry["path"], entry["sha256"], entry["bytes"], ".faiss")
+        for i, (entry, path) in enumerate(zip(manifest["shards"], shard_paths)):
             shard = read_shard(path, mmap=mmap)
             _check_shard(shard, entry, manifest, i)
             shards.append(shard)
-        return cls(uri, manifest, ShardSet(shards, manifest.get("search_params")), table, storage)
+        index = cls(uri, manifest, ShardSet(shards, manifest.get("search_params")), table, storage)
+        index._files = [ids_path] + shard_paths
+        return index
 
     def close(self) -> None:
         self.shards.close()
@@ -107,6 +120,15 @@ class ShardedIndex:
     @property
     def name(self) -> str:
         return str(self.manifest.get("name", ""))
+
+    @property
+    def version(self) -> str:
+        """The manifest's identity: a new build (new manifest.json) under the same URI has a new version."""
+        return manifest_version(self.manifest)
+
+    def files(self) -> list[str]:
+        """Local paths of the verified files this index reads (cache entries when loaded from S3)."""
+        return list(self._files)
 
     def object_ids(self) -> list[str]:
         return self._object_ids.tolist()
@@ -120,6 +142,15 @@ class ShardedIndex:
             shown = ", ".join(repr(m) for m in missing[:5]) + (" …" if len(missing) > 5 else "")
             raise ArtsimError(f"object_id not in index {self.name!r}: {shown}")
         return np.asarray(rows, dtype=np.int64)
+
+    def contains(self, object_id: str) -> bool:
+        if self._row_of_object is None:
+            self._row_of_object = {o: i for i, o in enumerate(self._object_ids.tolist())}
+        return object_id in self._row_of_object
+
+    def rows(self, object_ids: Sequence[str]) -> np.ndarray:
+        """Row numbers of indexed works in :attr:`table` (ArtsimError for unknown object_ids)."""
+        return self._rows_for_objects(object_ids)
 
     def metadata(self, object_id: str) -> dict:
         row = int(self._rows_for_objects([object_id])[0])
@@ -217,9 +248,10 @@ class ShardedIndex:
         if not norm:
             return None
         key = where_key(norm)
-        if key in self._subsets:
-            self._subsets.move_to_end(key)
-            return self._subsets[key]
+        with self._lock:
+            if key in self._subsets:
+                self._subsets.move_to_end(key)
+                return self._subsets[key]
         mask = where_mask(self.table, norm)
         n = int(mask.sum())
         if n == len(mask):
@@ -238,9 +270,10 @@ class ShardedIndex:
                 import faiss
 
                 subset.selector = faiss.IDSelectorBatch(np.ascontiguousarray(subset.ids))
-        self._subsets[key] = subset
-        while len(self._subsets) > 8:  # each entry can hold a subset's vectors: keep a few recent ones
-            self._subsets.popitem(last=False)
+        with self._lock:
+            self._subsets[key] = subset
+            while len(self._subsets) > 8:  # each entry can hold a subset's vectors: keep a few recent ones
+                self._subsets.popitem(last=False)
         return subset
 
     def _filtered_params(self, fraction: float) -> dict:
@@ -284,21 +317,67 @@ class ShardedIndex:
                 raise ArtsimError(f"{path}: {size} bytes is over the {MAX_QUERY_IMAGE_BYTES}-byte limit")
             with open(path, "rb") as f:
                 images.append(f.read())
+        return self.embed_image_bytes(images, ", ".join(map(str, _as_list(paths))))
+
+    def embed_image_bytes(self, images: Sequence[bytes], label: str = "the image") -> np.ndarray:
+        """Embed encoded images (bytes already size-checked by the caller) with the manifest's model."""
         embedder = self._get_embedder()
         try:
-            vectors = embedder.embed_pil(images)
+            vectors = embedder.embed_pil(list(images))
         except ArtsimError:
             raise
         except Exception as exc:  # decode errors of a hostile or broken file: one line for the user
-            raise ArtsimError(f"cannot embed {', '.join(map(str, paths))}: {exc}") from None
+            raise ArtsimError(f"cannot embed {label}: {exc}") from None
         if vectors.shape[1] != self.dim:
             raise ArtsimError(f"the model gives {vectors.shape[1]}-d vectors but the index holds {self.dim}-d")
         return vectors
 
-    def _get_embedder(self):
-        if self._embedder is None:
-            self._embedder = embedder_for_manifest(self.manifest.get("model") or {}, self.storage)
+    def supports_text(self) -> bool:
+        """Whether text queries can work: a CLIP-style model (one whose embedder offers ``embed_texts``)."""
+        if self._embedder is not None:
+            return callable(getattr(self._embedder, "embed_texts", None))
+        backbone = str((self.manifest.get("model") or {}).get("backbone") or "")
+        return backbone.startswith(TEXT_MODEL_PREFIXES)
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed texts into the image space; only models that embed text (CLIP: ``open_clip:<arch>``) can.
+
+        The plug-in point is the embedder's ``embed_texts(list[str]) -> (n, dim) array``: any embedder that
+        ``embedder_for_manifest`` builds (or that :meth:`attach_embedder` sets) and that offers it serves text."""
+        if not self.supports_text():
+            backbone = (self.manifest.get("model") or {}).get("backbone") or "no recorded model"
+            raise ArtsimError(f"text queries need a CLIP model (embed.model: open_clip:<arch>); index "
+                              f"{self.name!r} was built with {backbone}: query by id, vector or image")
+        embedder = self._get_embedder()
+        embed = getattr(embedder, "embed_texts", None)
+        if not callable(embed):
+            raise ArtsimError(f"the model of index {self.name!r} ({type(embedder).__name__}) cannot embed text")
+        vectors = np.asarray(embed(list(texts)), dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise ArtsimError(f"the text model gives vectors of shape {vectors.shape}; the index holds {self.dim}-d")
+        return vectors
+
+    def attach_embedder(self, embedder) -> None:
+        """Use ``embedder`` (``embed_pil`` for images, ``embed_texts`` for text) instead of rebuilding the
+        manifest's model: a server keeps the model it already built when a reload brings the same model."""
+        with self._lock:
+            self._embedder = embedder
+
+    @property
+    def embedder_if_built(self):
         return self._embedder
+
+    def _get_embedder(self):
+        with self._lock:  # one build, however many requests arrive first
+            if self._embedder is None:
+                self._embedder = embedder_for_manifest(self.manifest.get("model") or {}, self.storage)
+            return self._embedder
+
+
+def manifest_version(manifest: dict) -> str:
+    """A short, stable identity of a manifest's content (sha256 of its canonical JSON)."""
+    blob = json.dumps(manifest, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def read_index_ids(uri: str, storage: Optional[Storage] = None, cache_dir: Optional[str] = None
@@ -344,12 +423,16 @@ class _VerifiedFiles:
         return path
 
 
-def _open_manifest_and_ids(uri: str, storage: Storage, cache_dir: Optional[str]):
+def _read_manifest(uri: str, storage: Storage, cache_dir: Optional[str]):
     manifest_uri = join(uri, MANIFEST)
     if not storage.exists(manifest_uri):
         raise ArtsimError(f"{uri}: no {MANIFEST} (not an artsim index, or its build has not finished)")
     manifest = validate_manifest(storage.read_json(manifest_uri), manifest_uri)
-    files = _VerifiedFiles(uri, storage, cache_dir)
+    return manifest, _VerifiedFiles(uri, storage, cache_dir)
+
+
+def _open_manifest_and_ids(uri: str, storage: Storage, cache_dir: Optional[str]):
+    manifest, files = _read_manifest(uri, storage, cache_dir)
     ids_path = files.fetch(manifest["ids"], manifest["ids_sha256"], manifest["ids_bytes"], ".parquet")
     return manifest, _read_id_table(ids_path, manifest), files
 

@@ -100,7 +100,10 @@ class ShardSet:
         self.dim = shards[0].d
         self.ntotal = sum(s.ntotal for s in shards)
         self.nlist = faiss.extract_index_ivf(shards[0]).nlist if self.kind == "ivf" else 0
-        self._pool = ThreadPoolExecutor(max_workers=len(shards)) if len(shards) > 1 else None
+        # Sized for concurrent callers (a server's request threads), not just one search: with len(shards) workers,
+        # N concurrent requests would queue behind each other in this pool whatever the core count.
+        workers = len(shards) * max(1, os.cpu_count() or 1)
+        self._pool = ThreadPoolExecutor(max_workers=workers) if len(shards) > 1 else None
 
     def close(self) -> None:
         if self._pool is not None:
