@@ -34,6 +34,7 @@ class HostLimiterActorImpl:
                  breaker_cooldown_s: float, liveness_interval_s: float = 1.0):
         self.book = HostBook(connections, requests_per_second, breaker_failures, breaker_cooldown_s)
         self.robots: dict[str, tuple[int, str]] = {}
+        self._robots_pending: dict[str, asyncio.Event] = {}  # origin -> set when its one fetch is over
         self.liveness_interval_s = liveness_interval_s
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._watchers: dict[str, asyncio.Task] = {}
@@ -105,11 +106,30 @@ class HostLimiterActorImpl:
         for host in hosts:
             self._settle(host)
 
-    async def get_robots(self, origin: str):
-        return self.robots.get(origin)
+    async def get_robots(self, origin: str, wait_s: float = 60.0):
+        """The cached robots.txt of ``origin``; or None, which makes the caller the one that fetches it.
+
+        One fetch per job: while a caller is fetching, others for the same origin wait for its ``put_robots``
+        (up to ``wait_s``; then the next one in line is told to fetch, e.g. after a 5xx that is not cached).
+        """
+        while True:
+            if origin in self.robots:
+                return self.robots[origin]
+            pending = self._robots_pending.get(origin)
+            if pending is None or pending.is_set():
+                self._robots_pending[origin] = asyncio.Event()
+                return None
+            try:
+                await asyncio.wait_for(asyncio.shield(pending.wait()), timeout=wait_s)
+            except asyncio.TimeoutError:
+                if not pending.is_set():
+                    pending.set()  # the fetcher is gone or gave up without a cacheable answer: next one fetches
 
     async def put_robots(self, origin: str, value) -> None:
         self.robots[origin] = tuple(value)
+        pending = self._robots_pending.pop(origin, None)
+        if pending is not None:
+            pending.set()
 
     async def held_by(self, holder: str) -> int:
         return self.book.held_by(holder)
@@ -130,8 +150,9 @@ class RayLimiterClient:
     whatever is deferred, so they are never reordered behind them.
     """
 
-    def __init__(self, actors: list, release_delay_s: float = 0.02, holder_handle=None):
+    def __init__(self, actors: list, release_delay_s: float = 0.02, holder_handle=None, robots_wait_s: float = 60.0):
         self.actors = actors
+        self.robots_wait_s = robots_wait_s  # how long to wait for another worker's robots.txt fetch
         # Every lease this process takes is owned by this holder id; the limiter takes them back only when the
         # holder's actor (``holder_handle``) is dead. Without a handle (a driver, a test) leases live until released.
         self.holder = uuid.uuid4().hex
@@ -210,7 +231,7 @@ class RayLimiterClient:
                 self.actors[index].release_many.remote(self._take(index))
 
     def get_robots(self, origin: str):
-        return self._get(self._actor(origin).get_robots.remote(origin))
+        return self._get(self._actor(origin).get_robots.remote(origin, self.robots_wait_s))
 
     def put_robots(self, origin: str, value) -> None:
         self._actor(origin).put_robots.remote(origin, value)
@@ -228,7 +249,9 @@ class ShardWorker:
         self.images_uri = RunPaths(config.run.root).images
         import ray
 
-        self.limiter = RayLimiterClient(limiter_actors, holder_handle=ray.get_runtime_context().current_actor)
+        d = config.download
+        self.limiter = RayLimiterClient(limiter_actors, holder_handle=ray.get_runtime_context().current_actor,
+                                        robots_wait_s=d.timeout_s * (d.max_redirects + 1) + 5.0)
         self.fetcher = Fetcher(config.download, self.limiter, config.storage)
 
     def __call__(self, row: dict) -> dict:
