@@ -160,7 +160,8 @@ def run_img2dataset(work: Path, urls: list[str], processes: int) -> dict:
     return result
 
 
-def run_artsim(work: Path, urls: list[str], args, server_pid: int) -> dict:
+def run_artsim(work: Path, urls: list[str], args, server_pid: int, connections: int | None = None,
+               rps: float | None = None) -> dict:
     import ray
 
     from artsim.config import config_from_dict
@@ -176,8 +177,9 @@ def run_artsim(work: Path, urls: list[str], args, server_pid: int) -> dict:
         r.update(object_id=f"bench:{i}", collection="bench", image_url=url, license="CC0")
         rows.append(r)
     tree = {"run": {"root": str(root)}, "ray": {"num_cpus": os.cpu_count()},
-            "download": {"allow_hosts": ["127.0.0.1"], "per_host_connections": args.per_host_connections,
-                         "per_host_requests_per_second": args.per_host_rps, "shard_size": args.shard_size,
+            "download": {"allow_hosts": ["127.0.0.1"],
+                         "per_host_connections": connections or args.per_host_connections,
+                         "per_host_requests_per_second": rps or args.per_host_rps, "shard_size": args.shard_size,
                          "fetch_threads": args.fetch_threads, "image_size": 384, "quality": 90, "retries": 0,
                          "workers": args.workers or os.cpu_count()}}
     ctx = RunContext(config_from_dict(tree))
@@ -214,6 +216,9 @@ def main() -> int:
     p.add_argument("--fetch-threads", type=int, default=32)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--skip-img2dataset", action="store_true")
+    p.add_argument("--capped-connections", type=int, default=4,
+                   help="a second artsim run where the per-host caps bind (0: skip it)")
+    p.add_argument("--capped-rps", type=float, default=40.0)
     args = p.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -227,6 +232,12 @@ def main() -> int:
         results["artsim"] = run_artsim(work, urls, args, server.pid)
         if not args.skip_img2dataset:
             results["img2dataset"] = run_img2dataset(work, urls, os.cpu_count() or 1)
+        if args.capped_connections:
+            # The caps bind: throughput is what the host allows (connections / rps), CPU per image must not grow.
+            results["artsim_capped"] = run_artsim(work, urls[: min(len(urls), 400)], args, server.pid,
+                                                  args.capped_connections, args.capped_rps)
+            results["artsim_capped"]["caps"] = {"per_host_connections": args.capped_connections,
+                                                "per_host_requests_per_second": args.capped_rps}
     finally:
         server.terminate()
         server.wait()
@@ -247,6 +258,18 @@ def main() -> int:
             results["ratio_incl_ray_init"] = a["images_per_s_incl_ray_init"] / b["images_per_s"]
             print(f"ratio artsim / img2dataset: {results['ratio']:.2f}x "
                   f"({results['ratio_incl_ray_init']:.2f}x counting ray.init)")
+    if "artsim_capped" in results:
+        c = results["artsim_capped"]
+        print(f"artsim with binding caps ({c['caps']}): {c['ok']} ok, {c['images_per_s']:.1f} images/s "
+              f"(cap allows {args.capped_rps:g}/s), max concurrent per host {c['max_concurrent_per_host']}, "
+              f"CPU {c['cpu_ms_per_image']:.1f} ms/image")
+    if "img2dataset" in results and results["img2dataset"].get("ok"):
+        b = results["img2dataset"]
+        print("\n| | CPU ms/image | images/s |\n| --- | --- | --- |")
+        print(f"| artsim | {a['cpu_ms_per_image']:.1f} | {a['images_per_s']:.1f} |")
+        print(f"| img2dataset | {b['cpu_ms_per_image']:.1f} | {b['images_per_s']:.1f} |")
+        print(f"| artsim / img2dataset | {a['cpu_ms_per_image'] / b['cpu_ms_per_image']:.2f}x (target <= 0.6x) | "
+              f"{a['images_per_s'] / b['images_per_s']:.2f}x (target >= 1.5x) |")
     (work / "results.json").write_text(json.dumps(results, indent=2))
     print(f"results: {work / 'results.json'}")
     return 0

@@ -2,17 +2,22 @@
 
 Routes map a path to a *behaviour* (a callable that writes the response). The server measures what politeness
 promises: the maximum number of requests it was serving at the same time (``max_concurrent``), hits per path,
-request times and headers. Run it in-process (``with MisbehavingServer() as srv``) or as a separate process
+request times and headers. With ``count_connections=True`` it also counts what a per-host connection cap is about:
+the client sockets connected to it that the client has not closed yet (``max_live_connections``, read from the
+kernel's TCP table at every accept and every request). A handler still working for a client that gave up is not
+a live connection; a keep-alive connection idle between requests is. Run it in-process (``with MisbehavingServer() as srv``) or as a separate process
 (``python tests/httpd.py --spec FILE``) so that a job under test can be killed without killing the server.
 """
 from __future__ import annotations
 
 import http.server
 import json
+import os
 import socket
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
 Behaviour = Callable[["_Handler"], None]
@@ -58,8 +63,39 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
+class _KeepAliveHandler(_Handler):
+    protocol_version = "HTTP/1.1"  # persistent connections (Content-Length on every response)
+
+
+def live_client_connections(server_port: int) -> int:
+    """Client-side sockets to 127.0.0.1:``server_port`` that are still open from the client's side (TCP state
+    ESTABLISHED or SYN_SENT). A client that has closed its socket is in FIN_WAIT / TIME_WAIT and is not counted,
+    whatever the server's handler is still doing."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                lines = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            remote, state = parts[2], parts[3]
+            addr, port = remote.rsplit(":", 1)
+            if int(port, 16) == server_port and state in ("01", "02") and addr.endswith(("0100007F", "0100007f")):
+                count += 1
+    return count
+
+
+class _CountingHTTPServer(http.server.ThreadingHTTPServer):
+    def process_request(self, request, client_address):
+        self.owner._sample_connections()  # type: ignore[attr-defined]
+        super().process_request(request, client_address)
+
+
 class MisbehavingServer:
-    def __init__(self, latency_s: float = 0.0, host: str = "127.0.0.1"):
+    def __init__(self, latency_s: float = 0.0, host: str = "127.0.0.1", count_connections: bool = False,
+                 keep_alive: bool = False):
         self.latency_s = latency_s
         self.routes: dict[str, Behaviour] = {}
         self.default: Behaviour = status(404)
@@ -68,8 +104,11 @@ class MisbehavingServer:
         self.request_headers: list[dict] = []
         self.concurrent = 0
         self.max_concurrent = 0
+        self.count_connections = count_connections
+        self.max_live_connections = 0
+        self.live_samples = 0
         self._lock = threading.Lock()
-        self._httpd = http.server.ThreadingHTTPServer((host, 0), _Handler)
+        self._httpd = _CountingHTTPServer((host, 0), _KeepAliveHandler if keep_alive else _Handler)
         self._httpd.daemon_threads = True
         self._httpd.request_queue_size = 512
         self._httpd.owner = self  # type: ignore[attr-defined]
@@ -86,7 +125,16 @@ class MisbehavingServer:
         self.routes[path] = behaviour
         return self.url(path)
 
+    def _sample_connections(self) -> None:
+        if not self.count_connections:
+            return
+        live = live_client_connections(self.port)
+        with self._lock:
+            self.live_samples += 1
+            self.max_live_connections = max(self.max_live_connections, live)
+
     def _enter(self, path: str, headers: dict):
+        self._sample_connections()
         with self._lock:
             self.concurrent += 1
             self.max_concurrent = max(self.max_concurrent, self.concurrent)
@@ -118,7 +166,65 @@ class MisbehavingServer:
 
     def stats(self) -> dict:
         with self._lock:
-            return {"max_concurrent": self.max_concurrent, "hits": dict(self.hits)}
+            return {"max_concurrent": self.max_concurrent, "hits": dict(self.hits),
+                    "max_live_connections": self.max_live_connections}
+
+
+# -- which process made a request (Linux /proc): for tests that prove work ran in several processes -----------
+
+
+def _socket_inode(client_port: int, server_port: int) -> str | None:
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            local, remote = parts[1], parts[2]
+            if int(local.rsplit(":", 1)[1], 16) == client_port and int(remote.rsplit(":", 1)[1], 16) == server_port:
+                return parts[9]
+    return None
+
+
+def _pid_owning(inode: str) -> int | None:
+    target = f"socket:[{inode}]"
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:  # the process ended or is not ours
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                    return int(pid)
+            except OSError:  # this fd closed while we looked; the process's other fds still count
+                continue
+    return None
+
+
+def requester_pid(client_port: int, server_port: int, attempts: int = 5) -> int | None:
+    # The scan races with other processes opening and closing fds (a CI run once lost one of 36 lookups that way);
+    # the client's socket stays open while it waits for our answer, so a second look finds it.
+    for _ in range(attempts):
+        inode = _socket_inode(client_port, server_port)
+        pid = _pid_owning(inode) if inode else None
+        if pid is not None:
+            return pid
+        time.sleep(0.02)
+    return None
+
+
+def traced(behaviour, requesters: list):
+    """Wrap a route: record the pid of the process on the other end of the connection, then answer as usual."""
+    def run(h):
+        requesters.append(requester_pid(h.client_address[1], h.server.server_address[1]))
+        behaviour(h)
+
+    return run
+
 
 
 # -- behaviours ------------------------------------------------------------------------------------------------------
@@ -186,7 +292,8 @@ def truncated(body: bytes, keep: int) -> Behaviour:
 def _serve_directory_spec(spec: dict) -> MisbehavingServer:
     """spec: {"latency_s": float, "files": {"/path": "local file"}, "status": {"/path": code},
     "slow": {"/path": [delay_s, "local file"]}}"""
-    srv = MisbehavingServer(latency_s=spec.get("latency_s", 0.0))
+    srv = MisbehavingServer(latency_s=spec.get("latency_s", 0.0), count_connections=spec.get("count_connections", False),
+                            keep_alive=spec.get("keep_alive", False))
     for path, file in spec.get("files", {}).items():
         with open(file, "rb") as f:
             srv.add(path, ok(f.read()))

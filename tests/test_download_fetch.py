@@ -120,32 +120,55 @@ def test_connection_goes_to_checked_address_with_host_name():
 
 # -- politeness bookkeeping ---------------------------------------------------------------------------------------
 def test_hostbook_connection_and_rate_caps():
-    book = HostBook(connections=2, requests_per_second=10, breaker_failures=3, breaker_cooldown_s=30, lease_s=60)
+    book = HostBook(connections=2, requests_per_second=10, breaker_failures=3, breaker_cooldown_s=30)
     a, _, _ = book.try_acquire("h", now=0.0)
     assert a is not None
     lease, wait, reason = book.try_acquire("h", now=0.0)
-    assert lease is None and reason == "rate" and wait == pytest.approx(0.1)
+    assert lease is None and reason == "rate" and wait == pytest.approx(0.1)  # checked after the connection cap
     b, _, _ = book.try_acquire("h", now=0.1)
     c, wait, reason = book.try_acquire("h", now=0.2)
     assert b is not None and c is None and reason == "connections"
-    # Waiters are woken by releases; by themselves they wait for the first lease to expire, never spin.
-    assert wait == pytest.approx(60.0 - 0.2)
+    # Nothing to time: only a release (or a dead holder's leases taken back) frees a slot. Waiters never spin.
+    assert wait is None
     assert book.try_acquire("other", now=0.2)[0] is not None  # caps are per host
     book.release("h", a, "ok", now=0.25)
     assert book.try_acquire("h", now=0.25)[0] is not None
     assert book.hosts["h"].max_active == 2
 
 
-def test_hostbook_lease_expiry_returns_slot_of_dead_worker():
-    book = HostBook(connections=1, requests_per_second=1000, breaker_failures=3, breaker_cooldown_s=30, lease_s=5)
-    assert book.try_acquire("h", now=0.0)[0] is not None  # never released: the worker died
-    lease, wait, _ = book.try_acquire("h", now=1.0)
-    assert lease is None and wait == pytest.approx(4.0)  # a waiter wakes up when the dead worker's lease expires
-    assert book.try_acquire("h", now=5.5)[0] is not None
+def test_hostbook_lease_never_expires_while_holder_lives_and_dead_holders_give_slots_back():
+    book = HostBook(connections=1, requests_per_second=1000, breaker_failures=3, breaker_cooldown_s=30)
+    assert book.try_acquire("h", now=0.0, holder="starved")[0] is not None
+    # A holder stalled for an hour (a loaded machine) still owns its slot: no second connection is granted.
+    assert book.try_acquire("h", now=3600.0, holder="other")[:3:2] == (None, "connections")
+    assert book.held_by("starved") == 1
+    assert book.drop_holder("starved") == ["h"]  # known dead (the Ray front end watches its actor)
+    assert book.try_acquire("h", now=3600.1, holder="other")[0] is not None
+    assert book.snapshot()["h"]["reclaimed"] == 1
+
+
+def test_hostbook_queue_is_fifo_one_grant_at_a_time():
+    from artsim.download.politeness import Ticket
+
+    book = HostBook(connections=2, requests_per_second=10, breaker_failures=3, breaker_cooldown_s=30)
+    tickets = [Ticket(f"w{i}", give_up=100.0) for i in range(6)]
+    for t in tickets:
+        book.submit("h", t)
+    done, wake = book.settle("h", now=0.0)
+    assert [t.holder for t, lease, _ in done] == ["w0"] and wake == pytest.approx(0.1)  # rate: next slot at 0.1
+    done, wake = book.settle("h", now=0.1)
+    assert [t.holder for t, _, _ in done] == ["w1"] and wake == pytest.approx(100.0)  # cap reached: wait a release
+    attempts = book.hosts["h"].attempts
+    book.release("h", 1, "ok", now=0.5)
+    done, _ = book.settle("h", now=0.5)
+    assert [t.holder for t, _, _ in done] == ["w2"]  # the head, not whoever polls first
+    assert book.hosts["h"].attempts - attempts == 2  # one grant + one look at the next head: no herd of 4
+    done, _ = book.settle("h", now=100.0)  # the rest give up at their deadline, still in order
+    assert [(t.holder, reason) for t, _, reason in done] == [(f"w{i}", "queue_timeout") for i in (3, 4, 5)]
 
 
 def test_hostbook_circuit_breaker_pauses_then_half_opens():
-    book = HostBook(connections=4, requests_per_second=1000, breaker_failures=3, breaker_cooldown_s=10, lease_s=60)
+    book = HostBook(connections=4, requests_per_second=1000, breaker_failures=3, breaker_cooldown_s=10)
     now = 0.0
     for _ in range(3):
         lease = book.try_acquire("h", now)[0]

@@ -4,10 +4,16 @@
 ends use it:
 
 * :class:`LocalHostLimiter` — threads of one process (plain-function tests, a single-process run);
-* :class:`artsim.download.ray_job.HostLimiterActor` — the job-wide limiter: every worker of the job asks the same
+* :class:`artsim.download.ray_job.HostLimiterActorImpl` — the job-wide limiter: every worker of the job asks the same
   actor (one per host hash bucket), so caps hold across the cluster, not per process.
 
-A grant is a *lease* with an expiry: a worker that dies while holding a connection slot cannot leak it forever.
+A grant is a *lease* owned by a *holder* (one per worker process). A lease has no expiry: it is returned by its
+holder (after the connection's socket is closed), or taken back when the holder is known to be dead (the Ray front
+end watches each holder actor). A fixed expiry would hand a slot to a second request while a starved but living
+holder still had its connection open: exactly the over-cap that a loaded machine produces.
+
+Waiters queue per host in arrival order (FIFO) and are granted one at a time: a release or a rate slot coming due
+settles the head of the queue only, so a thousand waiters on one host cost one wake-up per grant, not a thousand.
 """
 from __future__ import annotations
 
@@ -17,8 +23,9 @@ import random
 import threading
 import time
 import urllib.robotparser
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 # Failures that count towards the circuit breaker: the host is struggling or unreachable. 404 and friends are
 # normal answers about one object and do not make a host "failing".
@@ -31,6 +38,15 @@ class LimiterUnavailable(RuntimeError):
 
 
 @dataclass
+class Ticket:
+    """One queued acquire: who asks (``holder``), when it gives up (monotonic), and the front end's waiter."""
+
+    holder: Any
+    give_up: float
+    waiter: Any = None
+
+
+@dataclass
 class HostState:
     active: int = 0
     next_slot: float = 0.0  # earliest time the next request may start (requests-per-second cap)
@@ -38,22 +54,27 @@ class HostState:
     consecutive_failures: int = 0
     open_until: float = 0.0  # circuit breaker: no requests before this time
     times_opened: int = 0
-    leases: dict[int, float] = field(default_factory=dict)  # lease id -> expiry
+    leases: dict[int, Any] = field(default_factory=dict)  # lease id -> holder
+    queue: deque = field(default_factory=deque)  # Tickets waiting, in arrival order
     requests: int = 0
     max_active: int = 0
-    attempts: int = 0  # try_acquire calls: what the limiter spends per request (a thundering herd shows here)
+    attempts: int = 0  # grant tries: what the limiter spends per request (a thundering herd shows here)
+    reclaimed: int = 0  # leases taken back from dead holders
 
 
 class HostBook:
-    """Per-host connection cap, request-rate cap, pauses and circuit breaker. Not thread-safe: callers lock."""
+    """Per-host connection cap, request-rate cap, pauses, circuit breaker and FIFO wait queues.
+
+    Not thread-safe: callers lock. ``submit`` queues a ticket; ``settle`` resolves what can be resolved now and says
+    when to look again.
+    """
 
     def __init__(self, connections: int, requests_per_second: float, breaker_failures: int,
-                 breaker_cooldown_s: float, lease_s: float):
+                 breaker_cooldown_s: float):
         self.connections = connections
         self.interval = 1.0 / requests_per_second
         self.breaker_failures = breaker_failures
         self.breaker_cooldown_s = breaker_cooldown_s
-        self.lease_s = lease_s
         self.hosts: dict[str, HostState] = {}
         self._next_lease = 1
 
@@ -63,57 +84,73 @@ class HostBook:
             state = self.hosts[host] = HostState()
         return state
 
-    def _expire(self, state: HostState, now: float) -> None:
-        for lease, expiry in list(state.leases.items()):
-            if expiry <= now:
-                del state.leases[lease]
-                state.active -= 1
-
-    def try_acquire(self, host: str, now: float) -> tuple[Optional[int], float, Optional[str]]:
-        """(lease id, 0, None) when granted; otherwise (None, seconds to wait, reason).
-
-        The reason is "paused" when the circuit breaker is open: callers give up instead of waiting.
-        """
+    def try_acquire(self, host: str, now: float, holder: Any = None) -> tuple[Optional[int], Optional[float],
+                                                                             Optional[str]]:
+        """Grant now if the caps allow: (lease id, 0, None); otherwise (None, seconds to wait, reason), where the wait
+        is None for "connections" (only a release or a dead holder frees a slot; nothing to time)."""
         state = self._state(host)
         state.attempts += 1
-        self._expire(state, now)
         if state.open_until > now:
             return None, state.open_until - now, "paused"
+        if state.active >= self.connections:
+            return None, None, "connections"
         wait = max(state.not_before, state.next_slot) - now
         if wait > 0:
             return None, wait, "rate"
-        if state.active >= self.connections:
-            # Every release wakes the waiters (both front ends), so the only change nobody announces is a lease
-            # expiring (a worker died holding it): wait for that. Waiting min(interval, 50 ms) instead made every
-            # queued request re-poll every 0.1 ms at 10,000 requests/s: the limiter actor spun at 95 % CPU and a
-            # 20,000-image run slowed from 125 to 37 images/s as the queue grew.
-            return None, min(state.leases.values()) - now, "connections"
         lease = self._next_lease
         self._next_lease += 1
-        state.leases[lease] = now + self.lease_s
+        state.leases[lease] = holder
         state.active += 1
         state.max_active = max(state.max_active, state.active)
         state.requests += 1
         state.next_slot = max(state.next_slot, now) + self.interval
         return lease, 0.0, None
 
-    def poll(self, host: str, now: float, give_up: float) -> tuple[Optional[int], Optional[str], float]:
-        """One step of a blocking acquire, shared by the thread and the async front ends:
-        (lease, None, 0) granted; (None, "paused" | "queue_timeout", 0) give up; (None, None, s) wait s seconds."""
-        lease, wait, reason = self.try_acquire(host, now)
-        if lease is not None:
-            return lease, None, 0.0
-        if reason == "paused":
-            return None, "paused", 0.0
-        remaining = give_up - now
-        if remaining <= 0:
-            return None, "queue_timeout", 0.0
-        return None, None, min(wait, remaining)
+    def submit(self, host: str, ticket: Ticket) -> None:
+        self._state(host).queue.append(ticket)
+
+    def settle(self, host: str, now: float) -> tuple[list[tuple[Ticket, Optional[int], Optional[str]]],
+                                                     Optional[float]]:
+        """Resolve the host's queue as far as possible now.
+
+        Returns (resolved tickets as (ticket, lease, None) or (ticket, None, "paused" | "queue_timeout"), the
+        monotonic time at which to settle again, or None when only a release can change anything). Only the head of
+        the queue is ever tried: FIFO, one grant at a time.
+        """
+        state = self._state(host)
+        queue = state.queue
+        done: list = []
+        if queue and state.open_until > now:  # circuit breaker open: every waiter gives up (they do not wait 300 s)
+            state.attempts += 1
+            done.extend((t, None, "paused") for t in queue)
+            queue.clear()
+            return done, None
+        if any(t.give_up <= now for t in queue):
+            for t in [t for t in queue if t.give_up <= now]:
+                done.append((t, None, "queue_timeout"))
+            state.queue = queue = deque(t for t in queue if t.give_up > now)
+        wake = None
+        while queue:
+            lease, wait, reason = self.try_acquire(host, now, queue[0].holder)
+            if lease is not None:
+                done.append((queue.popleft(), lease, None))
+                continue
+            if reason == "paused":
+                done.extend((t, None, "paused") for t in queue)
+                queue.clear()
+                break
+            if wait is not None:
+                wake = now + wait
+            break
+        if queue:
+            first_give_up = min(t.give_up for t in queue)
+            wake = first_give_up if wake is None else min(wake, first_give_up)
+        return done, wake
 
     def release(self, host: str, lease: int, outcome: str, now: float, pause_s: float = 0.0) -> None:
         """Return a slot. ``outcome``: ok, client_error, timeout, connection, server_error, throttled."""
         state = self._state(host)
-        if state.leases.pop(lease, None) is not None:
+        if state.leases.pop(lease, _MISSING) is not _MISSING:
             state.active -= 1
         if pause_s > 0:
             state.not_before = max(state.not_before, now + pause_s)
@@ -124,37 +161,78 @@ class HostBook:
                 state.open_until = now + self.breaker_cooldown_s
                 state.times_opened += 1
                 state.consecutive_failures = self.breaker_failures - 1  # one trial after the cooldown
-        else:
+        elif outcome != "abandoned":
             state.consecutive_failures = 0
+
+    def drop_holder(self, holder: Any) -> list[str]:
+        """Take back every lease of a holder that is known to be dead; returns the hosts that got slots back."""
+        hosts = []
+        for host, state in self.hosts.items():
+            mine = [lease for lease, h in state.leases.items() if h == holder]
+            for lease in mine:
+                del state.leases[lease]
+                state.active -= 1
+                state.reclaimed += 1
+            if mine:
+                hosts.append(host)
+        return hosts
+
+    def held_by(self, holder: Any) -> int:
+        return sum(1 for s in self.hosts.values() for h in s.leases.values() if h == holder)
 
     def snapshot(self) -> dict:
         return {host: {"requests": s.requests, "max_active": s.max_active, "times_paused": s.times_opened,
-                       "consecutive_failures": s.consecutive_failures, "attempts": s.attempts}
+                       "consecutive_failures": s.consecutive_failures, "attempts": s.attempts,
+                       "reclaimed": s.reclaimed}
                 for host, s in self.hosts.items()}
+
+
+_MISSING = object()
 
 
 class LocalHostLimiter:
     """Thread-safe limiter for one process. Same interface as the Ray-backed client in ray_job.py."""
 
     def __init__(self, connections: int, requests_per_second: float, breaker_failures: int,
-                 breaker_cooldown_s: float = 60.0, lease_s: float = 120.0):
-        self.book = HostBook(connections, requests_per_second, breaker_failures, breaker_cooldown_s, lease_s)
-        self._lock = threading.Condition()
+                 breaker_cooldown_s: float = 60.0):
+        self.book = HostBook(connections, requests_per_second, breaker_failures, breaker_cooldown_s)
+        self._lock = threading.Lock()
+        self._timers: dict[str, threading.Timer] = {}
         self.robots: dict[str, tuple[int, str]] = {}
 
     def acquire(self, host: str, deadline: float) -> tuple[Optional[int], Optional[str]]:
         """Block until a slot is granted or ``deadline`` (monotonic) passes; (lease, None) or (None, reason)."""
+        ticket = Ticket(threading.get_ident(), deadline, [threading.Event(), None])
         with self._lock:
-            while True:
-                lease, reason, wait = self.book.poll(host, time.monotonic(), deadline)
-                if not wait:
-                    return lease, reason
-                self._lock.wait(wait)
+            self.book.submit(host, ticket)
+            self._settle(host)
+        ticket.waiter[0].wait()
+        return ticket.waiter[1]
+
+    def _settle(self, host: str) -> None:
+        """Caller holds the lock. Resolve what can be resolved; arm one timer for the host's next due time."""
+        now = time.monotonic()
+        done, wake = self.book.settle(host, now)
+        for ticket, lease, reason in done:
+            ticket.waiter[1] = (lease, reason)
+            ticket.waiter[0].set()
+        old = self._timers.pop(host, None)
+        if old is not None:
+            old.cancel()
+        if wake is not None:
+            timer = threading.Timer(max(0.0, wake - now), self._on_timer, (host,))
+            timer.daemon = True
+            self._timers[host] = timer
+            timer.start()
+
+    def _on_timer(self, host: str) -> None:
+        with self._lock:
+            self._settle(host)
 
     def release(self, host: str, lease: int, outcome: str, pause_s: float = 0.0) -> None:
         with self._lock:
             self.book.release(host, lease, outcome, time.monotonic(), pause_s)
-            self._lock.notify_all()
+            self._settle(host)
 
     def get_robots(self, host_key: str) -> Optional[tuple[int, str]]:
         with self._lock:

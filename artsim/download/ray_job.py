@@ -14,35 +14,81 @@ import asyncio
 import hashlib
 import threading
 import time
+import uuid
 from typing import Optional
 
 from artsim.config import Config
-from artsim.download.politeness import HostBook, LimiterUnavailable
+from artsim.download.politeness import HostBook, LimiterUnavailable, Ticket
 
 
 class HostLimiterActorImpl:
-    """Async actor: each pending acquire is a coroutine, so thousands of waiting fetches cost no threads."""
+    """Async actor: each pending acquire is a future in its host's FIFO queue, so thousands of waiting fetches cost
+    no threads, and a release wakes exactly the one waiter it can serve (no thundering herd).
+
+    Holders (one per shard-worker process) register with their actor handle; a watcher per holder awaits a call on
+    that handle, which fails only when the holder actor is dead (its node gone, its process killed). Then, and only
+    then, its leases are taken back. A starved but living holder keeps its slots however long it is stalled.
+    """
 
     def __init__(self, connections: int, requests_per_second: float, breaker_failures: int,
-                 breaker_cooldown_s: float, lease_s: float):
-        self.book = HostBook(connections, requests_per_second, breaker_failures, breaker_cooldown_s, lease_s)
+                 breaker_cooldown_s: float, liveness_interval_s: float = 1.0):
+        self.book = HostBook(connections, requests_per_second, breaker_failures, breaker_cooldown_s)
         self.robots: dict[str, tuple[int, str]] = {}
-        self._changed: dict[str, asyncio.Event] = {}
+        self._robots_pending: dict[str, asyncio.Event] = {}  # origin -> set when its one fetch is over
+        self.liveness_interval_s = liveness_interval_s
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._watchers: dict[str, asyncio.Task] = {}
+        self.dead_holders: list[str] = []
 
-    async def acquire(self, host: str, wait_limit_s: float,
-                      releases: tuple = ()) -> tuple[Optional[int], Optional[str]]:
+    async def register(self, holder: str, handle) -> None:
+        """Watch ``handle`` (the holder's own actor); its leases are reclaimed once it is known dead."""
+        if holder not in self._watchers:
+            self._watchers[holder] = asyncio.get_running_loop().create_task(self._watch(holder, handle))
+
+    async def _watch(self, holder: str, handle) -> None:
+        import ray
+
+        while True:
+            try:
+                # Queued behind the holder's running shard: it completes late when the holder is busy, and fails
+                # with ActorDiedError only when the holder is gone.
+                await handle.__ray_ready__.remote()
+            except ray.exceptions.ActorUnavailableError:
+                pass  # unreachable for now (e.g. a network blip): not known dead
+            except ray.exceptions.RayActorError:
+                self.holder_died(holder)
+                return
+            await asyncio.sleep(self.liveness_interval_s)
+
+    def holder_died(self, holder: str) -> None:
+        self.dead_holders.append(holder)
+        for host in self.book.drop_holder(holder):
+            self._settle(host)
+
+    async def acquire(self, host: str, wait_limit_s: float, releases: tuple = (),
+                      holder: Optional[str] = None) -> tuple[Optional[int], Optional[str]]:
         """Grant a lease for ``host``; ``releases`` (the caller's deferred releases) are applied first."""
         self._apply(releases)
-        give_up = time.monotonic() + wait_limit_s
-        while True:
-            lease, reason, wait = self.book.poll(host, time.monotonic(), give_up)
-            if not wait:
-                return lease, reason
-            event = self._changed.setdefault(host, asyncio.Event())
-            try:
-                await asyncio.wait_for(event.wait(), timeout=wait)
-            except asyncio.TimeoutError:
-                pass
+        future = asyncio.get_running_loop().create_future()
+        self.book.submit(host, Ticket(holder, time.monotonic() + wait_limit_s, future))
+        self._settle(host)
+        return await future
+
+    def _settle(self, host: str) -> None:
+        now = time.monotonic()
+        done, wake = self.book.settle(host, now)
+        for ticket, lease, reason in done:
+            if not ticket.waiter.done():
+                ticket.waiter.set_result((lease, reason))
+            elif lease is not None:  # the caller went away (cancelled): the slot goes straight back
+                self.book.release(host, lease, "abandoned", now)
+                self._settle(host)
+                return
+        old = self._timers.pop(host, None)
+        if old is not None:
+            old.cancel()
+        if wake is not None:
+            self._timers[host] = asyncio.get_running_loop().call_later(max(0.0, wake - now), self._settle, host)
 
     async def release(self, host: str, lease: int, outcome: str, pause_s: float = 0.0) -> None:
         self._apply(((host, lease, outcome, pause_s),))
@@ -52,17 +98,41 @@ class HostLimiterActorImpl:
 
     def _apply(self, releases) -> None:
         now = time.monotonic()
+        hosts = []
         for host, lease, outcome, pause_s in releases:
             self.book.release(host, lease, outcome, now, pause_s)
-            event = self._changed.pop(host, None)
-            if event is not None:
-                event.set()  # wake every waiter of this host; one of them gets the slot, the others wait again
+            if host not in hosts:
+                hosts.append(host)
+        for host in hosts:
+            self._settle(host)
 
-    async def get_robots(self, origin: str):
-        return self.robots.get(origin)
+    async def get_robots(self, origin: str, wait_s: float = 60.0):
+        """The cached robots.txt of ``origin``; or None, which makes the caller the one that fetches it.
+
+        One fetch per job: while a caller is fetching, others for the same origin wait for its ``put_robots``
+        (up to ``wait_s``; then the next one in line is told to fetch, e.g. after a 5xx that is not cached).
+        """
+        while True:
+            if origin in self.robots:
+                return self.robots[origin]
+            pending = self._robots_pending.get(origin)
+            if pending is None or pending.is_set():
+                self._robots_pending[origin] = asyncio.Event()
+                return None
+            try:
+                await asyncio.wait_for(asyncio.shield(pending.wait()), timeout=wait_s)
+            except asyncio.TimeoutError:
+                if not pending.is_set():
+                    pending.set()  # the fetcher is gone or gave up without a cacheable answer: next one fetches
 
     async def put_robots(self, origin: str, value) -> None:
         self.robots[origin] = tuple(value)
+        pending = self._robots_pending.pop(origin, None)
+        if pending is not None:
+            pending.set()
+
+    async def held_by(self, holder: str) -> int:
+        return self.book.held_by(holder)
 
     async def snapshot(self) -> dict:
         return self.book.snapshot()
@@ -80,8 +150,15 @@ class RayLimiterClient:
     whatever is deferred, so they are never reordered behind them.
     """
 
-    def __init__(self, actors: list, release_delay_s: float = 0.02):
+    def __init__(self, actors: list, release_delay_s: float = 0.02, holder_handle=None, robots_wait_s: float = 60.0):
         self.actors = actors
+        self.robots_wait_s = robots_wait_s  # how long to wait for another worker's robots.txt fetch
+        # Every lease this process takes is owned by this holder id; the limiter takes them back only when the
+        # holder's actor (``holder_handle``) is dead. Without a handle (a driver, a test) leases live until released.
+        self.holder = uuid.uuid4().hex
+        if holder_handle is not None:
+            for actor in actors:
+                self._get(actor.register.remote(self.holder, holder_handle))
         self.release_delay_s = release_delay_s
         self._pending: dict[int, list[tuple]] = {}  # actor index -> deferred (host, lease, outcome, pause_s)
         self._oldest: dict[int, float] = {}  # actor index -> monotonic time its oldest deferred release was made
@@ -105,7 +182,7 @@ class RayLimiterClient:
         index = self._index(host)
         with self._cond:
             releases = self._take(index)
-        return self._get(self.actors[index].acquire.remote(host, wait_limit, releases))
+        return self._get(self.actors[index].acquire.remote(host, wait_limit, releases, self.holder))
 
     @staticmethod
     def _get(ref):
@@ -154,7 +231,7 @@ class RayLimiterClient:
                 self.actors[index].release_many.remote(self._take(index))
 
     def get_robots(self, origin: str):
-        return self._get(self._actor(origin).get_robots.remote(origin))
+        return self._get(self._actor(origin).get_robots.remote(origin, self.robots_wait_s))
 
     def put_robots(self, origin: str, value) -> None:
         self._actor(origin).put_robots.remote(origin, value)
@@ -171,7 +248,11 @@ class ShardWorker:
         self.config = config
         self.storage = Storage(config.storage)
         self.images_uri = RunPaths(config.run.root).images
-        self.limiter = RayLimiterClient(limiter_actors)
+        import ray
+
+        d = config.download
+        self.limiter = RayLimiterClient(limiter_actors, holder_handle=ray.get_runtime_context().current_actor,
+                                        robots_wait_s=d.timeout_s * (d.max_redirects + 1) + 5.0)
         self.fetcher = Fetcher(config.download, self.limiter, config.storage)
 
     def __call__(self, row: dict) -> dict:
@@ -199,9 +280,8 @@ def start_limiters(config: Config) -> list:
     # limiter would forget the leases it handed out and could briefly exceed the per-host caps.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     actor_cls = ray.remote(num_cpus=0, max_concurrency=10_000, scheduling_strategy=here)(HostLimiterActorImpl)
-    lease_s = (d.timeout_s + 5.0) * 2  # a lease outlives any request; a dead worker's slot returns after this
     return [actor_cls.remote(d.per_host_connections, d.per_host_requests_per_second, d.circuit_breaker_failures,
-                             d.circuit_breaker_cooldown_s, lease_s)
+                             d.circuit_breaker_cooldown_s)
             for _ in range(d.limiter_actors)]
 
 
