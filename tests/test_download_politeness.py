@@ -18,10 +18,10 @@ import httpd  # noqa: E402
 from httpd import MisbehavingServer  # noqa: E402
 
 from artsim.config import config_from_dict  # noqa: E402
-from artsim.download import run_download  # noqa: E402
+from artsim.download.stage import run_download  # noqa: E402
 from artsim.download.shards import read_committed  # noqa: E402
 from artsim.runtime import RunContext  # noqa: E402
-from artsim.schema import empty_record, records_table  # noqa: E402
+from artsim.rundir.schema import empty_record, records_table  # noqa: E402
 
 
 def jpeg(width=600, height=400) -> bytes:
