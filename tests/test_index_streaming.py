@@ -23,7 +23,8 @@ import pytest
 
 from artsim.config import config_from_dict
 from artsim.errors import ArtsimError
-from artsim.index.stage import run_index, sample_rows
+from artsim.index.plan import sample_rows
+from artsim.index.stage import run_index
 from artsim.index.build import (EmbeddingFile, Piece, ShardPlan, assign_ids, build_shard, embedding_files,
                                 embeddings_from_table, first_good_rows, pieces_between, plan_shards,
                                 read_object_ids, read_shard_vectors, scan_piece, scan_pieces, vector_batch)
@@ -51,6 +52,33 @@ def test_scan_pieces_cover_every_row_once_in_order():
     assert all(0 < p.num_rows <= 3 for p in pieces)
     assert [(p.uri, p.start, p.stop) for p in pieces[:4]] == [("a.parquet", 0, 3), ("a.parquet", 3, 5),
                                                                ("c.parquet", 0, 3), ("c.parquet", 3, 6)]
+
+
+def test_plan_build_without_ray_keeps_ids_skips_bad_rows_and_holds_out_queries():
+    """plan_sampling + plan_build are plain functions: from the scan's good-row mask, the previous id map and the
+    records they decide rows, stable ids, index type, shards and tuning queries."""
+    from artsim.index.plan import plan_build, plan_sampling
+
+    cfg = config_from_dict({"run": {"root": "unused"}, "index": {"num_shards": 2, "tuning_queries": 10}}).index
+    object_ids = pa.array(["m:0", "m:1", "m:2", "m:1", "", "s:5", "s:6", "s:7", "s:8", "s:9", "m:10", "m:11", "m:12",
+                           "m:13", "m:14"])
+    good = np.ones(15, bool)
+    good[2] = False  # a bad vector
+    sampling = plan_sampling(cfg, 15, 4)
+    assert sampling.provisional.kind == "flat" and len(sampling.train_candidates) == 0
+    queries = np.eye(4, dtype=np.float32)[np.arange(len(sampling.query_candidates)) % 4]
+    previous = pa.table({"id": pa.array([7, 3], pa.int64()), "object_id": ["s:6", "m:0"]})
+    plan = plan_build(cfg, name="x", index_uri="mem://x", emb_uri="mem://e", dim=4, files=FILES,
+                      pieces=scan_pieces(FILES), object_ids=object_ids, good=good, sampling=sampling,
+                      query_vectors=queries, previous_ids=previous, previous_next_id=8, build_id="b")
+    assert plan.rows.tolist() == [0, 1, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]
+    assert plan.skipped == {"bad_vector_or_id": 2, "duplicate_object_id": 1}
+    ids = dict(zip(plan.ids_table.column("object_id").to_pylist(), plan.ids_table.column("id").to_pylist()))
+    assert ids["m:0"] == 3 and ids["s:6"] == 7 and min(v for k, v in ids.items() if k not in ("m:0", "s:6")) == 8
+    assert plan.next_id == 8 + 10 and plan.reused_ids == 2 and plan.index.factory == "IDMap2,Flat"
+    assert sum(len(s.rows) for s in plan.shards) == 12 and len(plan.shards) == 2
+    assert set(plan.ids_table.column("collection").to_pylist()) == {"m", "s"}
+    assert len(plan.queries) == 1 and plan.queries.dtype == np.float32  # min(10, 12 // 10)
 
 
 def test_plan_shards_contiguous_balanced_deterministic():

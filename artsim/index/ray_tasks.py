@@ -16,9 +16,9 @@ import ray
 
 from artsim.index.build import (Piece, ShardPlan, build_shard, max_length_of_piece, read_shard_vectors, scan_piece,
                                 train_index)
+from artsim.serving.topk import RECALL_K
 from artsim.storage import Storage, join
 
-TRUTH_K = 10
 
 
 @ray.remote
@@ -54,7 +54,7 @@ def shard_task(trained, plan: ShardPlan, dim: int, shard_uri: str, storage_confi
     storage = Storage(storage_config)
     tmp = tempfile.mkdtemp(prefix="artsim-shard-")
     try:
-        result = build_shard(trained, read_shard_vectors(storage, plan, dim, batch_rows), tmp, queries, TRUTH_K)
+        result = build_shard(trained, read_shard_vectors(storage, plan, dim, batch_rows), tmp, queries, RECALL_K)
         storage.upload_file(result.local_path, shard_uri)
         return {"ntotal": result.ntotal, "sha256": result.sha256, "bytes": result.bytes,
                 "add_seconds": result.add_seconds, "truth_scores": result.truth_scores,

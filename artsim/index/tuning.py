@@ -14,9 +14,7 @@ from typing import Optional
 import numpy as np
 
 from artsim.serving.shards import ShardSet
-from artsim.serving.topk import recall_at_k
-
-K = 10
+from artsim.serving.topk import RECALL_K as K, recall_at_k
 
 
 def _measure(shards: ShardSet, queries: np.ndarray, truth_ids: np.ndarray, params: dict, repeats: int = 2) -> dict:

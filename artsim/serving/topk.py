@@ -47,6 +47,9 @@ def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.n
     return scores, ids
 
 
+RECALL_K = 10  # index tuning and its reports measure recall@10 (manifest "recall_at_10")
+
+
 def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
     """Mean fraction of the true top-k ids found in the returned top-k (ids of -1 never count)."""
     total, hits = 0, 0
