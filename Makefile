@@ -25,6 +25,7 @@ demo: $(VENV)/.runtime
 	$(VENV)/bin/artsim demo
 
 test: $(VENV)/.dev
+	$(VENV)/bin/lint-imports --config pyproject.toml
 	$(VENV)/bin/python -m pytest -q -ra tests
 
 clean:

@@ -166,6 +166,12 @@ class EmbedConfig:
             yield "num_gpus", "must be 0 or more"
 
 
+# The values mine.strategies and mine.term_fields accept; artsim/mine/ implements exactly these (tested). Kept
+# here so that reading a config never imports a stage.
+STRATEGIES = ("shared_terms", "same_creator", "text", "annotations", "hard_negatives")
+TERM_FIELDS = ("subjects", "concepts", "object_type", "medium")
+
+
 @dataclass
 class MineConfig:
     num_triplets: int = 10_000  # triplets wanted (LiviaAI: at least 10,000)
@@ -185,9 +191,6 @@ class MineConfig:
     max_objects: int = 200_000
 
     def check(self):
-        from artsim.mine.strategies import STRATEGIES
-        from artsim.mine.corpus import TERM_FIELDS
-
         if self.num_triplets < 1:
             yield "num_triplets", "must be at least 1"
         for name, weight in self.strategies.items():

@@ -123,3 +123,11 @@ def test_rundir_imports_neither_torch_nor_ray():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                          env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_mine_implements_exactly_the_strategies_and_term_fields_config_accepts():
+    from artsim import config
+    from artsim.mine import corpus, stage
+
+    assert set(stage.STRATEGIES) == set(config.STRATEGIES)
+    assert tuple(corpus.TERM_FIELDS) == config.TERM_FIELDS

@@ -15,17 +15,8 @@ from typing import Optional
 
 from PIL import Image, ImageOps
 
-# (magic prefix, offset, format name as Pillow calls it)
-_MAGIC = (
-    (b"\xff\xd8\xff", 0, "JPEG"),
-    (b"\x89PNG\r\n\x1a\n", 0, "PNG"),
-    (b"GIF87a", 0, "GIF"),
-    (b"GIF89a", 0, "GIF"),
-    (b"WEBP", 8, "WEBP"),  # RIFF....WEBP
-    (b"II*\x00", 0, "TIFF"),
-    (b"MM\x00*", 0, "TIFF"),
-    (b"BM", 0, "BMP"),
-)
+from artsim.image_format import sniff_format
+
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP")
 
 
@@ -35,15 +26,6 @@ class ImageRejected(Exception):
     def __init__(self, status: str, message: str):
         super().__init__(message)
         self.status = status
-
-
-def sniff_format(data: bytes) -> Optional[str]:
-    for magic, offset, name in _MAGIC:
-        if data[offset:offset + len(magic)] == magic:
-            if name == "WEBP" and data[:4] != b"RIFF":
-                continue
-            return name
-    return None
 
 
 @dataclass

@@ -21,7 +21,7 @@ import numpy as np
 
 from artsim.mine.corpus import TERM_FIELDS, MiningCorpus
 
-STRATEGIES = ("shared_terms", "same_creator", "text", "annotations", "hard_negatives")
+from artsim.config import STRATEGIES  # noqa: E402  (one list: config validates names against it)
 DEFAULT_PATIENCE = 2000  # fruitless draws in a row before a strategy counts as exhausted
 
 

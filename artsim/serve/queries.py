@@ -58,7 +58,7 @@ def check_image(data: bytes, limits: Limits) -> None:
     """Raise BadRequest unless ``data`` is a supported raster image within the byte and pixel caps."""
     from PIL import Image
 
-    from artsim.download.resize import sniff_format
+    from artsim.image_format import sniff_format
 
     if len(data) > limits.max_upload_bytes:
         raise BadRequest(413, f"image of {len(data)} bytes is over the {limits.max_upload_bytes}-byte limit")
