@@ -9,24 +9,27 @@ import hashlib
 import heapq
 import http.client
 import itertools
+import logging
 import random
 import socket
 import threading
 import time
-import urllib.robotparser
+import traceback
 from dataclasses import dataclass, field
 from typing import Optional
 from urllib.parse import urljoin, urlsplit
 
 from artsim.config import DownloadConfig, StorageConfig
 from artsim.download.politeness import (
-    LimiterUnavailable, agent_token, backoff_delay, parse_retry_after, robots_allows, x_robots_opt_out,
+    LimiterUnavailable, agent_token, backoff_delay, parse_retry_after, x_robots_opt_out,
 )
+from artsim.download import robots
 from artsim.download.resize import ImageRejected, process_image
 from artsim.download.safety import Target, UnsafeURL, URLPolicy, open_connection
 
+log = logging.getLogger("artsim.download")
+
 READ_CHUNK = 256 * 1024
-ROBOTS_MAX_BYTES = 512 * 1024  # RFC 9309: parse at least 500 KiB
 NO_RETRY_HTTP = frozenset({400, 401, 403, 404, 405, 410, 451})
 
 
@@ -152,7 +155,7 @@ class Fetcher:
         self._rng = random.Random(seed)
         self._rng_lock = threading.Lock()
         self._watchdog = _Watchdog()
-        self._robots: dict[str, Optional[urllib.robotparser.RobotFileParser] | tuple[int, str]] = {}
+        self._robots: dict[str, robots.RobotsRules] = {}  # origin -> rules (process cache of the job-wide one)
         self._robots_locks: dict[str, threading.Lock] = {}
         self._robots_guard = threading.Lock()
         self._storage = None
@@ -240,10 +243,10 @@ class Fetcher:
                     return FetchResult(object_id, "robots_disallowed", error="disallowed by robots.txt",
                                        url_final=current), None
                 if verdict is None:
-                    res = FetchResult(object_id, "http_error", error="robots.txt unreachable (RFC 9309: "
-                                      "assume disallowed for now)", url_final=current)
-                    res.retryable = True
-                    return res, None
+                    # Not retried within this run: the verdict is cached for robots.UNREACHABLE_RETRY_S, longer
+                    # than any backoff. http_error is retryable, so --retry-failed asks again later.
+                    return FetchResult(object_id, "http_error", error="robots.txt unreachable (RFC 9309: assume "
+                                       "disallowed for now)", url_final=current), None
             response = self._request(target, want_body=True)
             if response.kind == "redirect":
                 current = urljoin(current, response.location)
@@ -293,8 +296,10 @@ class Fetcher:
 
     # -- one request ---------------------------------------------------------------------------------------------
     def _request(self, target: Target, want_body: bool, max_bytes: Optional[int] = None,
-                 path: Optional[str] = None, check_opt_out: bool = True) -> _Response:
-        """GET once (no redirects) under a limiter lease and a total deadline."""
+                 path: Optional[str] = None, check_opt_out: bool = True, truncate: bool = False) -> _Response:
+        """GET once (no redirects) under a limiter lease and a total deadline.
+
+        ``truncate``: a body over ``max_bytes`` is cut there (robots.txt) instead of refused as too_large."""
         max_bytes = self.cfg.max_bytes if max_bytes is None else max_bytes
         lease, why = self.limiter.acquire(target.host, time.monotonic() + self.queue_timeout_s)
         if lease is None:
@@ -308,7 +313,7 @@ class Fetcher:
         token = self._watchdog.watch(deadline, conn)
         try:
             response = self._exchange(conn, target, path or target.path, want_body, max_bytes, deadline,
-                                      check_opt_out)
+                                      check_opt_out, truncate)
             code = response.http_status or 0
             if response.kind in ("timeout", "connection"):
                 outcome = response.kind
@@ -330,7 +335,7 @@ class Fetcher:
         return response
 
     def _exchange(self, conn, target: Target, path: str, want_body: bool, max_bytes: int, deadline: float,
-                  check_opt_out: bool) -> _Response:
+                  check_opt_out: bool, truncate: bool = False) -> _Response:
         try:
             conn.putrequest("GET", path, skip_accept_encoding=True)
             conn.putheader("User-Agent", self.cfg.user_agent)
@@ -340,7 +345,7 @@ class Fetcher:
             conn.endheaders()
             resp = conn.getresponse()
             try:
-                return self._read_response(conn, resp, want_body, max_bytes, deadline, check_opt_out)
+                return self._read_response(conn, resp, want_body, max_bytes, deadline, check_opt_out, truncate)
             finally:
                 resp.close()
         except (socket.timeout, TimeoutError):
@@ -351,7 +356,7 @@ class Fetcher:
             return _Response("connection", error=f"{type(exc).__name__}: {exc}")
 
     def _read_response(self, conn, resp, want_body: bool, max_bytes: int, deadline: float,
-                       check_opt_out: bool) -> _Response:
+                       check_opt_out: bool, truncate: bool = False) -> _Response:
         code = resp.status
         headers = {k.lower(): v for k, v in resp.getheaders()}
         if 300 <= code < 400 and code != 304:
@@ -371,7 +376,10 @@ class Fetcher:
         length = resp.getheader("Content-Length")
         expected = int(length) if length and length.strip().isdigit() else None
         if expected is not None and expected > max_bytes:
-            return _Response("too_large", code, error=f"Content-Length {expected} > max_bytes {max_bytes}")
+            if truncate:
+                expected = None  # read up to the cap like a body without a length
+            else:
+                return _Response("too_large", code, error=f"Content-Length {expected} > max_bytes {max_bytes}")
         # Read straight into one buffer (readinto): no per-chunk bytes objects and no join copy of a ~1 MB body.
         # With a Content-Length the buffer has the announced size (<= max_bytes, checked above); without one it
         # grows, still capped at max_bytes + 1 so an endless body is cut off.
@@ -395,6 +403,8 @@ class Fetcher:
                     break
                 total += n
                 if total > max_bytes:
+                    if truncate:  # keep the byte over the cap: the caller then knows the last line may be cut
+                        break
                     return _Response("too_large", code, error=f"body over max_bytes {max_bytes}")
         finally:
             view.release()
@@ -405,53 +415,51 @@ class Fetcher:
 
     # -- robots.txt ----------------------------------------------------------------------------------------------
     def _robots_verdict(self, target: Target) -> Optional[bool]:
+        """True / False; None while the origin's robots.txt is unreachable (see artsim.download.robots)."""
         origin = f"{target.scheme}://{target.host}:{target.port}"
-        entry = self._robots.get(origin)
-        if entry is None:
+        rules = self._robots.get(origin)
+        if rules is None or not rules.fetch.fresh():
             with self._robots_guard:
                 lock = self._robots_locks.setdefault(origin, threading.Lock())
             with lock:  # one fetch per origin per process; others wait for it
-                entry = self._robots.get(origin)
-                if entry is None:
-                    cached = self.limiter.get_robots(origin)  # the job-wide cache (one fetch per job)
-                    if cached is None:
-                        cached = self._fetch_robots(target)
-                        if cached[0] != 0 and cached[0] < 500:
-                            self.limiter.put_robots(origin, cached)
-                    entry = self._robots[origin] = cached
-        status, body = entry
-        if 200 <= status < 300:
-            parser = self._robots.get(origin + "#parsed")
-            if parser is None:
-                parser = urllib.robotparser.RobotFileParser()
-                parser.parse(body.splitlines())
-                self._robots[origin + "#parsed"] = parser
-            return parser.can_fetch(self.agent, target.url)
-        verdict = robots_allows(entry, self.agent, target.url)
-        if verdict is None:
-            self._robots.pop(origin, None)  # unreachable now: ask again for the next record
-        return verdict
+                rules = self._robots.get(origin)
+                if rules is None or not rules.fetch.fresh():
+                    # The job-wide cache first (one fetch per job, unless processes race for the first copy).
+                    fetched = robots.RobotsFetch.from_tuple(self.limiter.get_robots(origin))
+                    if fetched is None or not fetched.fresh():
+                        fetched = self._fetch_robots(target)
+                        self.limiter.put_robots(origin, fetched.to_tuple())
+                    rules = self._robots[origin] = robots.RobotsRules(fetched, self.agent)
+                    interval = rules.min_interval_s()
+                    if interval > 0:  # Crawl-delay / Request-rate: a per-host rate cap, job-wide
+                        self.limiter.set_min_interval(target.host, interval)
+        return rules.allows(target.url)
 
-    def _fetch_robots(self, target: Target) -> tuple[int, str]:
-        """(http status, text); status 0 when unreachable. Redirects followed (checked) up to max_redirects."""
+    def _fetch_robots(self, target: Target) -> robots.RobotsFetch:
+        """Fetch an origin's robots.txt (redirects followed, each hop checked); status 0 when unreachable."""
         url = f"{target.scheme}://{target.host}:{target.port}/robots.txt"
+        status, body = 0, b""
         for _hop in range(self.cfg.max_redirects + 1):
             try:
                 hop_target = self.policy.check(url)
-            except (UnsafeURL, OSError):
-                return 404, ""  # a robots redirect to a forbidden place: no usable rules (RFC 9309: like 4xx)
-            response = self._request(hop_target, want_body=True, max_bytes=ROBOTS_MAX_BYTES, check_opt_out=False)
+            except UnsafeURL:
+                status = 404  # a redirect to a forbidden place: no usable rules (RFC 9309: like 4xx)
+                break
+            except OSError:
+                break  # DNS failure: unreachable
+            response = self._request(hop_target, want_body=True, max_bytes=robots.MAX_BYTES,
+                                     check_opt_out=False, truncate=True)
             if response.kind == "redirect":
                 url = urljoin(url, response.location)
                 continue
-            if response.kind == "body":
-                return response.http_status or 200, response.body.decode("utf-8", errors="replace")
-            if response.kind == "too_large":
-                return 200, ""
-            if response.kind == "http":
-                return response.http_status or 0, ""
-            return 0, ""
-        return 404, ""
+            if response.kind in ("body", "http"):
+                status = response.http_status or 0
+                body = robots.truncate(bytes(response.body))
+            break
+        else:
+            status = 404  # more redirects than we follow: RFC 9309 lets us take that as unavailable
+        text = body.decode("utf-8", errors="replace").lstrip("\ufeff")
+        return robots.RobotsFetch(status, text, time.time())
 
     # -- local files and S3 --------------------------------------------------------------------------------------
     def _fetch_local(self, object_id: str, uri: str) -> FetchResult:

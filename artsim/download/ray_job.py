@@ -64,6 +64,9 @@ class HostLimiterActorImpl:
     async def put_robots(self, origin: str, value) -> None:
         self.robots[origin] = tuple(value)
 
+    async def set_min_interval(self, host: str, seconds: float) -> None:
+        self.book.set_min_interval(host, seconds)
+
     async def snapshot(self) -> dict:
         return self.book.snapshot()
 
@@ -158,6 +161,9 @@ class RayLimiterClient:
 
     def put_robots(self, origin: str, value) -> None:
         self._actor(origin).put_robots.remote(origin, value)
+
+    def set_min_interval(self, host: str, seconds: float) -> None:
+        self._actor(host).set_min_interval.remote(host, seconds)
 
 
 class ShardWorker:
