@@ -89,7 +89,7 @@ def _guard(fn) -> int:
         return fn()
     except ArtsimError as exc:
         print(f"artsim: error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)
 
 
 USAGE = f"usage: artsim {{{','.join(STAGES + ('pipeline', 'query', 'demo'))}}} ..."

@@ -93,6 +93,11 @@ class DownloadConfig:
     circuit_breaker_cooldown_s: float = 300.0  # a paused host gets one trial request after this
     limiter_actors: int = 1  # job-wide host limiter actors (hosts hashed over them); ~1 per 20 nodes
     workers: Optional[int] = None  # shard workers (Ray actors, 1 CPU each); null: every CPU of the cluster
+    # smallest original width / height kept (upright, before resizing); smaller images get status too_small
+    min_width: int = 0
+    min_height: int = 0  # see min_width
+    # largest long-side / short-side ratio kept (strips, banners); beyond it status too_small; null: any
+    max_aspect_ratio: Optional[float] = None
 
     def check(self):
         if self.image_size < 16:
@@ -127,6 +132,12 @@ class DownloadConfig:
             yield "workers", "must be at least 1 (or null)"
         if self.backoff_base_s < 0 or self.backoff_max_s < self.backoff_base_s:
             yield "backoff_max_s", "backoff needs 0 <= backoff_base_s <= backoff_max_s"
+        if self.min_width < 0:
+            yield "min_width", "must be 0 or more"
+        if self.min_height < 0:
+            yield "min_height", "must be 0 or more"
+        if self.max_aspect_ratio is not None and self.max_aspect_ratio < 1:
+            yield "max_aspect_ratio", "must be at least 1 (long side / short side), or null"
         if not self.user_agent.strip() or any(c in self.user_agent for c in "\r\n"):
             yield "user_agent", "must be a non-empty single line"
 

@@ -9,7 +9,6 @@ import hashlib
 import heapq
 import http.client
 import itertools
-import logging
 import random
 import socket
 import threading
@@ -26,8 +25,6 @@ from artsim.download.politeness import (
 from artsim.download import robots
 from artsim.download.resize import ImageRejected, process_image
 from artsim.download.safety import Target, UnsafeURL, URLPolicy, open_connection
-
-log = logging.getLogger("artsim.download")
 
 READ_CHUNK = 256 * 1024
 NO_RETRY_HTTP = frozenset({400, 401, 403, 404, 405, 410, 451})
@@ -50,6 +47,7 @@ class FetchResult:
     original_height: Optional[int] = None
     attempts: int = 0
     retryable: bool = False  # worth another try within this run (not stored)
+    internal_error: Optional[str] = None  # status internal_error: the error's signature (not stored)
 
 
 @dataclass
@@ -130,6 +128,17 @@ def iiif_rendition_url(service: str, size: int) -> str:
     return f"{base}/full/!{size},{size}/0/default.jpg"
 
 
+def check_expected_sha256(result: FetchResult, expected: Optional[str]) -> FetchResult:
+    """An ok result whose downloaded bytes do not hash to the source's ``sha256`` becomes hash_mismatch (image
+    dropped: it is not the file the source describes — changed, replaced or corrupted on the way)."""
+    expected = (expected or "").strip().lower()
+    if expected and result.status == "ok" and result.sha256 != expected:
+        result.status = "hash_mismatch"
+        result.error = f"sha256 of the downloaded bytes {result.sha256} != expected {expected}"
+        result.image = result.width = result.height = None
+    return result
+
+
 def host_of(url: Optional[str]) -> Optional[str]:
     if not url:
         return None
@@ -159,17 +168,44 @@ class Fetcher:
         self._robots_locks: dict[str, threading.Lock] = {}
         self._robots_guard = threading.Lock()
         self._storage = None
+        self.internal_errors: dict[str, str] = {}  # signature -> first traceback (see fetch_record)
+        self._internal_lock = threading.Lock()
 
     # -- one record ----------------------------------------------------------------------------------------------
     def fetch_record(self, record: dict) -> FetchResult:
         object_id = record.get("object_id")
         try:
-            return self._fetch_record(record)
+            result = self._fetch_record(record)
+            return check_expected_sha256(result, record.get("sha256"))
         except LimiterUnavailable:
             raise  # the job's infrastructure failed, not this record: fail the shard, commit nothing
-        except Exception as exc:  # a bug must not take the whole shard down; the record says what happened
-            return FetchResult(object_id, "http_error", error=f"internal error: {type(exc).__name__}: {exc}",
-                               host=host_of(record.get("image_url")))
+        except Exception as exc:
+            # A bug must neither take the whole shard down nor pass as a failing museum: the record gets
+            # internal_error (not retried within the run, not blamed on the host, fetched again by the next run),
+            # and the traceback is kept once per distinct error for the stage to show and count.
+            signature = self._note_internal_error(exc)
+            return FetchResult(object_id, "internal_error", error=f"internal error: {type(exc).__name__}: {exc} "
+                               f"[{signature}]", host=host_of(record.get("image_url") or record.get("iiif_service")),
+                               internal_error=signature)
+
+    def _note_internal_error(self, exc: BaseException) -> str:
+        """A stable name for the error: its type and the innermost artsim frame (``TypeError at
+        artsim/download/resize.py:88 in process_image``). The first traceback of each name is kept in
+        ``internal_errors``; the stage shows each once per job (see shards.summarize and run_download)."""
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = ""
+        for frame in reversed(frames):
+            parts = frame.filename.replace("\\", "/").split("/")
+            if "artsim" in parts:
+                start = len(parts) - 1 - parts[::-1].index("artsim")
+                where = f" at {'/'.join(parts[start:])}:{frame.lineno} in {frame.name}"
+                break
+        signature = f"{type(exc).__name__}{where}"
+        with self._internal_lock:
+            if signature not in self.internal_errors:
+                self.internal_errors[signature] = "".join(
+                    traceback.format_exception(type(exc), exc, exc.__traceback__))
+        return signature
 
     def _fetch_record(self, record: dict) -> FetchResult:
         object_id = record["object_id"]
@@ -180,7 +216,9 @@ class Fetcher:
             if license_.lower() not in self.allowed_licenses:
                 return FetchResult(object_id, "license_excluded", error=f"license {license_ or 'unknown'!r} "
                                    "not in download.allowed_licenses", host=host_of(image_url or service))
-        if service and self.cfg.iiif_rendition:
+        # A source's sha256 is of its file: fetch that file, not a server-side rendition, when both are known.
+        expected_hash = bool((record.get("sha256") or "").strip())
+        if service and self.cfg.iiif_rendition and not (expected_hash and image_url):
             result = self.fetch_url(object_id, iiif_rendition_url(service, self.cfg.image_size))
             if result.status == "ok" or not image_url or result.status in (
                     "opted_out", "robots_disallowed", "blocked_address"):
@@ -284,7 +322,8 @@ class Fetcher:
     def _finish(self, res: FetchResult, body: bytes) -> FetchResult:
         res.bytes_downloaded = len(body)
         try:
-            out = process_image(body, self.cfg.image_size, self.cfg.max_pixels, self.cfg.format, self.cfg.quality)
+            out = process_image(body, self.cfg.image_size, self.cfg.max_pixels, self.cfg.format, self.cfg.quality,
+                                self.cfg.min_width, self.cfg.min_height, self.cfg.max_aspect_ratio)
         except ImageRejected as exc:
             res.status, res.error = exc.status, str(exc)
             return res
@@ -324,6 +363,9 @@ class Fetcher:
                 outcome = "server_error"
             else:
                 outcome = "ok"
+        except Exception:
+            outcome = "internal_error"  # a bug on our side: not a failure of the host (no circuit-breaker count)
+            raise
         finally:
             conn.close()
             fired = self._watchdog.done(token)
