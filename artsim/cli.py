@@ -1,4 +1,5 @@
-"""`artsim STAGE -c CONFIG [--set key.path=value ...]` and `artsim query ...` (see DESIGN.md)."""
+"""`artsim STAGE -c CONFIG [--set key.path=value ...]`, `artsim query ...` (see DESIGN.md) and `artsim export ...`
+(artsim/export.py)."""
 from __future__ import annotations
 
 import argparse
@@ -92,7 +93,7 @@ def _guard(fn) -> int:
         return getattr(exc, "exit_code", 2)
 
 
-USAGE = f"usage: artsim {{{','.join(STAGES + ('pipeline', 'query', 'demo'))}}} ..."
+USAGE = f"usage: artsim {{{','.join(STAGES + ('pipeline', 'query', 'export', 'demo'))}}} ..."
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         return stage_main(command, rest)
     if command == "query":
         return query_main(rest)
+    if command == "export":
+        from artsim.export import export_main
+
+        return export_main(rest)
     if command == "demo":
         from artsim.demo import demo_main
 
