@@ -83,7 +83,7 @@ class DownloadConfig:
     user_agent: str = "artsim/0.1 (+https://github.com/artsim/artsim; artsim@example.org)"
     format: Literal["jpeg", "webp"] = "jpeg"  # re-encoding of stored images
     quality: int = 90  # re-encoding quality (1-100)
-    respect_robots_txt: bool = True  # robots.txt per origin, fetched once per job
+    respect_robots_txt: bool = True  # robots.txt per origin (RFC 9309), cached job-wide
     respect_x_robots_tag: bool = True  # X-Robots-Tag noai/noimageai/noml/noindex/none -> status opted_out
     allowed_licenses: list[str] = field(default_factory=list)  # empty: every licence
     allow_local_files: bool = False  # file:// and s3:// image URLs
