@@ -16,7 +16,8 @@ def _stage_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a config value (repeatable)")
     p.add_argument("--retry-failed", action="store_true",
-                   help="download: refetch only records whose status is retryable")
+                   help="download: also refetch records whose committed status is retryable (http_error, "
+                        "timeout); internal_error records are refetched by every run")
     return p
 
 

@@ -1,4 +1,4 @@
-"""Being a good citizen on other people's servers: per-host caps, backoff, circuit breaker, robots rules.
+"""Being a good citizen on other people's servers: per-host caps, backoff, circuit breaker (robots.txt: robots.py).
 
 :class:`HostBook` is the bookkeeping (plain, single-threaded, clock passed in, so it is tested exactly). Two front
 ends use it:
