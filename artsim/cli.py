@@ -1,4 +1,5 @@
-"""`artsim STAGE -c CONFIG [--set key.path=value ...]`, `artsim query ...` and `artsim serve ...` (docs/DESIGN.md)."""
+"""`artsim STAGE -c CONFIG [--set key.path=value ...]`, `artsim query ...`, `artsim serve ...` and
+`artsim export ...` (docs/DESIGN.md)."""
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,8 @@ def _stage_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a config value (repeatable)")
     p.add_argument("--retry-failed", action="store_true",
-                   help="download: refetch only records whose status is retryable")
+                   help="download: also refetch records whose committed status is retryable (http_error, "
+                        "timeout); internal_error records are refetched by every run")
     return p
 
 
@@ -89,10 +91,10 @@ def _guard(fn) -> int:
         return fn()
     except ArtsimError as exc:
         print(f"artsim: error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)
 
 
-USAGE = f"usage: artsim {{{','.join(STAGES + ('pipeline', 'query', 'serve', 'demo'))}}} ..."
+USAGE = f"usage: artsim {{{','.join(STAGES + ('pipeline', 'query', 'serve', 'export', 'demo'))}}} ..."
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         from artsim.serve.cli import serve_main
 
         return serve_main(rest)
+    if command == "export":
+        from artsim.export import export_main
+
+        return export_main(rest)
     if command == "demo":
         from artsim.demo import demo_main
 

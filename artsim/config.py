@@ -83,7 +83,7 @@ class DownloadConfig:
     user_agent: str = "artsim/0.1 (+https://github.com/artsim/artsim; artsim@example.org)"
     format: Literal["jpeg", "webp"] = "jpeg"  # re-encoding of stored images
     quality: int = 90  # re-encoding quality (1-100)
-    respect_robots_txt: bool = True  # robots.txt per origin, fetched once per job
+    respect_robots_txt: bool = True  # robots.txt per origin (RFC 9309), cached job-wide
     respect_x_robots_tag: bool = True  # X-Robots-Tag noai/noimageai/noml/noindex/none -> status opted_out
     allowed_licenses: list[str] = field(default_factory=list)  # empty: every licence
     allow_local_files: bool = False  # file:// and s3:// image URLs
@@ -93,6 +93,11 @@ class DownloadConfig:
     circuit_breaker_cooldown_s: float = 300.0  # a paused host gets one trial request after this
     limiter_actors: int = 1  # job-wide host limiter actors (hosts hashed over them); ~1 per 20 nodes
     workers: Optional[int] = None  # shard workers (Ray actors, 1 CPU each); null: every CPU of the cluster
+    # smallest original width / height kept (upright, before resizing); smaller images get status too_small
+    min_width: int = 0
+    min_height: int = 0  # see min_width
+    # largest long-side / short-side ratio kept (strips, banners); beyond it status too_small; null: any
+    max_aspect_ratio: Optional[float] = None
 
     def check(self):
         if self.image_size < 16:
@@ -127,6 +132,12 @@ class DownloadConfig:
             yield "workers", "must be at least 1 (or null)"
         if self.backoff_base_s < 0 or self.backoff_max_s < self.backoff_base_s:
             yield "backoff_max_s", "backoff needs 0 <= backoff_base_s <= backoff_max_s"
+        if self.min_width < 0:
+            yield "min_width", "must be 0 or more"
+        if self.min_height < 0:
+            yield "min_height", "must be 0 or more"
+        if self.max_aspect_ratio is not None and self.max_aspect_ratio < 1:
+            yield "max_aspect_ratio", "must be at least 1 (long side / short side), or null"
         if not self.user_agent.strip() or any(c in self.user_agent for c in "\r\n"):
             yield "user_agent", "must be a non-empty single line"
 

@@ -1,4 +1,5 @@
-"""Errors that reach the user as one line and exit status 2 (bad config, bad input file)."""
+"""Errors that reach the user as one line: exit status 2 for bad config / bad input, 1 for a stage that ran but
+failed (:class:`StageFailed`)."""
 
 
 class ArtsimError(Exception):
@@ -15,3 +16,10 @@ class ConfigError(ArtsimError):
 
 class IntegrityError(ArtsimError):
     """A stored artifact does not match its recorded checksum (tampered or truncated)."""
+
+
+class StageFailed(ArtsimError):
+    """The stage ran to its end and committed its output, but something in it went wrong that needs a person (e.g.
+    internal errors in the download). The CLI prints the message on one line and exits 1."""
+
+    exit_code = 1

@@ -13,20 +13,20 @@ import random
 import socket
 import threading
 import time
-import urllib.robotparser
+import traceback
 from dataclasses import dataclass, field
 from typing import Optional
 from urllib.parse import urljoin, urlsplit
 
 from artsim.config import DownloadConfig, StorageConfig
 from artsim.download.politeness import (
-    LimiterUnavailable, agent_token, backoff_delay, parse_retry_after, robots_allows, x_robots_opt_out,
+    LimiterUnavailable, agent_token, backoff_delay, parse_retry_after, x_robots_opt_out,
 )
+from artsim.download import robots
 from artsim.download.resize import ImageRejected, process_image
 from artsim.download.safety import Target, UnsafeURL, URLPolicy, open_connection
 
 READ_CHUNK = 256 * 1024
-ROBOTS_MAX_BYTES = 512 * 1024  # RFC 9309: parse at least 500 KiB
 NO_RETRY_HTTP = frozenset({400, 401, 403, 404, 405, 410, 451})
 
 
@@ -47,6 +47,7 @@ class FetchResult:
     original_height: Optional[int] = None
     attempts: int = 0
     retryable: bool = False  # worth another try within this run (not stored)
+    internal_error: Optional[str] = None  # status internal_error: the error's signature (not stored)
 
 
 @dataclass
@@ -127,6 +128,17 @@ def iiif_rendition_url(service: str, size: int) -> str:
     return f"{base}/full/!{size},{size}/0/default.jpg"
 
 
+def check_expected_sha256(result: FetchResult, expected: Optional[str]) -> FetchResult:
+    """An ok result whose downloaded bytes do not hash to the source's ``sha256`` becomes hash_mismatch (image
+    dropped: it is not the file the source describes — changed, replaced or corrupted on the way)."""
+    expected = (expected or "").strip().lower()
+    if expected and result.status == "ok" and result.sha256 != expected:
+        result.status = "hash_mismatch"
+        result.error = f"sha256 of the downloaded bytes {result.sha256} != expected {expected}"
+        result.image = result.width = result.height = None
+    return result
+
+
 def host_of(url: Optional[str]) -> Optional[str]:
     if not url:
         return None
@@ -152,21 +164,48 @@ class Fetcher:
         self._rng = random.Random(seed)
         self._rng_lock = threading.Lock()
         self._watchdog = _Watchdog()
-        self._robots: dict[str, Optional[urllib.robotparser.RobotFileParser] | tuple[int, str]] = {}
+        self._robots: dict[str, robots.RobotsRules] = {}  # origin -> rules (process cache of the job-wide one)
         self._robots_locks: dict[str, threading.Lock] = {}
         self._robots_guard = threading.Lock()
         self._storage = None
+        self.internal_errors: dict[str, str] = {}  # signature -> first traceback (see fetch_record)
+        self._internal_lock = threading.Lock()
 
     # -- one record ----------------------------------------------------------------------------------------------
     def fetch_record(self, record: dict) -> FetchResult:
         object_id = record.get("object_id")
         try:
-            return self._fetch_record(record)
+            result = self._fetch_record(record)
+            return check_expected_sha256(result, record.get("sha256"))
         except LimiterUnavailable:
             raise  # the job's infrastructure failed, not this record: fail the shard, commit nothing
-        except Exception as exc:  # a bug must not take the whole shard down; the record says what happened
-            return FetchResult(object_id, "http_error", error=f"internal error: {type(exc).__name__}: {exc}",
-                               host=host_of(record.get("image_url")))
+        except Exception as exc:
+            # A bug must neither take the whole shard down nor pass as a failing museum: the record gets
+            # internal_error (not retried within the run, not blamed on the host, fetched again by the next run),
+            # and the traceback is kept once per distinct error for the stage to show and count.
+            signature = self._note_internal_error(exc)
+            return FetchResult(object_id, "internal_error", error=f"internal error: {type(exc).__name__}: {exc} "
+                               f"[{signature}]", host=host_of(record.get("image_url") or record.get("iiif_service")),
+                               internal_error=signature)
+
+    def _note_internal_error(self, exc: BaseException) -> str:
+        """A stable name for the error: its type and the innermost artsim frame (``TypeError at
+        artsim/download/resize.py:88 in process_image``). The first traceback of each name is kept in
+        ``internal_errors``; the stage shows each once per job (see shards.summarize and run_download)."""
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = ""
+        for frame in reversed(frames):
+            parts = frame.filename.replace("\\", "/").split("/")
+            if "artsim" in parts:
+                start = len(parts) - 1 - parts[::-1].index("artsim")
+                where = f" at {'/'.join(parts[start:])}:{frame.lineno} in {frame.name}"
+                break
+        signature = f"{type(exc).__name__}{where}"
+        with self._internal_lock:
+            if signature not in self.internal_errors:
+                self.internal_errors[signature] = "".join(
+                    traceback.format_exception(type(exc), exc, exc.__traceback__))
+        return signature
 
     def _fetch_record(self, record: dict) -> FetchResult:
         object_id = record["object_id"]
@@ -177,7 +216,9 @@ class Fetcher:
             if license_.lower() not in self.allowed_licenses:
                 return FetchResult(object_id, "license_excluded", error=f"license {license_ or 'unknown'!r} "
                                    "not in download.allowed_licenses", host=host_of(image_url or service))
-        if service and self.cfg.iiif_rendition:
+        # A source's sha256 is of its file: fetch that file, not a server-side rendition, when both are known.
+        expected_hash = bool((record.get("sha256") or "").strip())
+        if service and self.cfg.iiif_rendition and not (expected_hash and image_url):
             result = self.fetch_url(object_id, iiif_rendition_url(service, self.cfg.image_size))
             if result.status == "ok" or not image_url or result.status in (
                     "opted_out", "robots_disallowed", "blocked_address"):
@@ -240,10 +281,10 @@ class Fetcher:
                     return FetchResult(object_id, "robots_disallowed", error="disallowed by robots.txt",
                                        url_final=current), None
                 if verdict is None:
-                    res = FetchResult(object_id, "http_error", error="robots.txt unreachable (RFC 9309: "
-                                      "assume disallowed for now)", url_final=current)
-                    res.retryable = True
-                    return res, None
+                    # Not retried within this run: the verdict is cached for robots.UNREACHABLE_RETRY_S, longer
+                    # than any backoff. http_error is retryable, so --retry-failed asks again later.
+                    return FetchResult(object_id, "http_error", error="robots.txt unreachable (RFC 9309: assume "
+                                       "disallowed for now)", url_final=current), None
             response = self._request(target, want_body=True)
             if response.kind == "redirect":
                 current = urljoin(current, response.location)
@@ -281,7 +322,8 @@ class Fetcher:
     def _finish(self, res: FetchResult, body: bytes) -> FetchResult:
         res.bytes_downloaded = len(body)
         try:
-            out = process_image(body, self.cfg.image_size, self.cfg.max_pixels, self.cfg.format, self.cfg.quality)
+            out = process_image(body, self.cfg.image_size, self.cfg.max_pixels, self.cfg.format, self.cfg.quality,
+                                self.cfg.min_width, self.cfg.min_height, self.cfg.max_aspect_ratio)
         except ImageRejected as exc:
             res.status, res.error = exc.status, str(exc)
             return res
@@ -293,8 +335,10 @@ class Fetcher:
 
     # -- one request ---------------------------------------------------------------------------------------------
     def _request(self, target: Target, want_body: bool, max_bytes: Optional[int] = None,
-                 path: Optional[str] = None, check_opt_out: bool = True) -> _Response:
-        """GET once (no redirects) under a limiter lease and a total deadline."""
+                 path: Optional[str] = None, check_opt_out: bool = True, truncate: bool = False) -> _Response:
+        """GET once (no redirects) under a limiter lease and a total deadline.
+
+        ``truncate``: a body over ``max_bytes`` is cut there (robots.txt) instead of refused as too_large."""
         max_bytes = self.cfg.max_bytes if max_bytes is None else max_bytes
         lease, why = self.limiter.acquire(target.host, time.monotonic() + self.queue_timeout_s)
         if lease is None:
@@ -308,7 +352,7 @@ class Fetcher:
         token = self._watchdog.watch(deadline, conn)
         try:
             response = self._exchange(conn, target, path or target.path, want_body, max_bytes, deadline,
-                                      check_opt_out)
+                                      check_opt_out, truncate)
             code = response.http_status or 0
             if response.kind in ("timeout", "connection"):
                 outcome = response.kind
@@ -319,6 +363,9 @@ class Fetcher:
                 outcome = "server_error"
             else:
                 outcome = "ok"
+        except Exception:
+            outcome = "internal_error"  # a bug on our side: not a failure of the host (no circuit-breaker count)
+            raise
         finally:
             conn.close()
             fired = self._watchdog.done(token)
@@ -330,7 +377,7 @@ class Fetcher:
         return response
 
     def _exchange(self, conn, target: Target, path: str, want_body: bool, max_bytes: int, deadline: float,
-                  check_opt_out: bool) -> _Response:
+                  check_opt_out: bool, truncate: bool = False) -> _Response:
         try:
             conn.putrequest("GET", path, skip_accept_encoding=True)
             conn.putheader("User-Agent", self.cfg.user_agent)
@@ -340,7 +387,7 @@ class Fetcher:
             conn.endheaders()
             resp = conn.getresponse()
             try:
-                return self._read_response(conn, resp, want_body, max_bytes, deadline, check_opt_out)
+                return self._read_response(conn, resp, want_body, max_bytes, deadline, check_opt_out, truncate)
             finally:
                 resp.close()
         except (socket.timeout, TimeoutError):
@@ -351,7 +398,7 @@ class Fetcher:
             return _Response("connection", error=f"{type(exc).__name__}: {exc}")
 
     def _read_response(self, conn, resp, want_body: bool, max_bytes: int, deadline: float,
-                       check_opt_out: bool) -> _Response:
+                       check_opt_out: bool, truncate: bool = False) -> _Response:
         code = resp.status
         headers = {k.lower(): v for k, v in resp.getheaders()}
         if 300 <= code < 400 and code != 304:
@@ -371,7 +418,10 @@ class Fetcher:
         length = resp.getheader("Content-Length")
         expected = int(length) if length and length.strip().isdigit() else None
         if expected is not None and expected > max_bytes:
-            return _Response("too_large", code, error=f"Content-Length {expected} > max_bytes {max_bytes}")
+            if truncate:
+                expected = None  # read up to the cap like a body without a length
+            else:
+                return _Response("too_large", code, error=f"Content-Length {expected} > max_bytes {max_bytes}")
         # Read straight into one buffer (readinto): no per-chunk bytes objects and no join copy of a ~1 MB body.
         # With a Content-Length the buffer has the announced size (<= max_bytes, checked above); without one it
         # grows, still capped at max_bytes + 1 so an endless body is cut off.
@@ -395,6 +445,8 @@ class Fetcher:
                     break
                 total += n
                 if total > max_bytes:
+                    if truncate:  # keep the byte over the cap: the caller then knows the last line may be cut
+                        break
                     return _Response("too_large", code, error=f"body over max_bytes {max_bytes}")
         finally:
             view.release()
@@ -405,53 +457,51 @@ class Fetcher:
 
     # -- robots.txt ----------------------------------------------------------------------------------------------
     def _robots_verdict(self, target: Target) -> Optional[bool]:
+        """True / False; None while the origin's robots.txt is unreachable (see artsim.download.robots)."""
         origin = f"{target.scheme}://{target.host}:{target.port}"
-        entry = self._robots.get(origin)
-        if entry is None:
+        rules = self._robots.get(origin)
+        if rules is None or not rules.fetch.fresh():
             with self._robots_guard:
                 lock = self._robots_locks.setdefault(origin, threading.Lock())
             with lock:  # one fetch per origin per process; others wait for it
-                entry = self._robots.get(origin)
-                if entry is None:
-                    cached = self.limiter.get_robots(origin)  # the job-wide cache (one fetch per job)
-                    if cached is None:
-                        cached = self._fetch_robots(target)
-                        if cached[0] != 0 and cached[0] < 500:
-                            self.limiter.put_robots(origin, cached)
-                    entry = self._robots[origin] = cached
-        status, body = entry
-        if 200 <= status < 300:
-            parser = self._robots.get(origin + "#parsed")
-            if parser is None:
-                parser = urllib.robotparser.RobotFileParser()
-                parser.parse(body.splitlines())
-                self._robots[origin + "#parsed"] = parser
-            return parser.can_fetch(self.agent, target.url)
-        verdict = robots_allows(entry, self.agent, target.url)
-        if verdict is None:
-            self._robots.pop(origin, None)  # unreachable now: ask again for the next record
-        return verdict
+                rules = self._robots.get(origin)
+                if rules is None or not rules.fetch.fresh():
+                    # The job-wide cache first (one fetch per job, unless processes race for the first copy).
+                    fetched = robots.RobotsFetch.from_tuple(self.limiter.get_robots(origin))
+                    if fetched is None or not fetched.fresh():
+                        fetched = self._fetch_robots(target)
+                        self.limiter.put_robots(origin, fetched.to_tuple())
+                    rules = self._robots[origin] = robots.RobotsRules(fetched, self.agent)
+                    interval = rules.min_interval_s()
+                    if interval > 0:  # Crawl-delay / Request-rate: a per-host rate cap, job-wide
+                        self.limiter.set_min_interval(target.host, interval)
+        return rules.allows(target.url)
 
-    def _fetch_robots(self, target: Target) -> tuple[int, str]:
-        """(http status, text); status 0 when unreachable. Redirects followed (checked) up to max_redirects."""
+    def _fetch_robots(self, target: Target) -> robots.RobotsFetch:
+        """Fetch an origin's robots.txt (redirects followed, each hop checked); status 0 when unreachable."""
         url = f"{target.scheme}://{target.host}:{target.port}/robots.txt"
+        status, body = 0, b""
         for _hop in range(self.cfg.max_redirects + 1):
             try:
                 hop_target = self.policy.check(url)
-            except (UnsafeURL, OSError):
-                return 404, ""  # a robots redirect to a forbidden place: no usable rules (RFC 9309: like 4xx)
-            response = self._request(hop_target, want_body=True, max_bytes=ROBOTS_MAX_BYTES, check_opt_out=False)
+            except UnsafeURL:
+                status = 404  # a redirect to a forbidden place: no usable rules (RFC 9309: like 4xx)
+                break
+            except OSError:
+                break  # DNS failure: unreachable
+            response = self._request(hop_target, want_body=True, max_bytes=robots.MAX_BYTES,
+                                     check_opt_out=False, truncate=True)
             if response.kind == "redirect":
                 url = urljoin(url, response.location)
                 continue
-            if response.kind == "body":
-                return response.http_status or 200, response.body.decode("utf-8", errors="replace")
-            if response.kind == "too_large":
-                return 200, ""
-            if response.kind == "http":
-                return response.http_status or 0, ""
-            return 0, ""
-        return 404, ""
+            if response.kind in ("body", "http"):
+                status = response.http_status or 0
+                body = robots.truncate(bytes(response.body))
+            break
+        else:
+            status = 404  # more redirects than we follow: RFC 9309 lets us take that as unavailable
+        text = body.decode("utf-8", errors="replace").lstrip("\ufeff")
+        return robots.RobotsFetch(status, text, time.time())
 
     # -- local files and S3 --------------------------------------------------------------------------------------
     def _fetch_local(self, object_id: str, uri: str) -> FetchResult:

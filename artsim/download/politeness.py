@@ -1,4 +1,4 @@
-"""Being a good citizen on other people's servers: per-host caps, backoff, circuit breaker, robots rules.
+"""Being a good citizen on other people's servers: per-host caps, backoff, circuit breaker (robots.txt: robots.py).
 
 :class:`HostBook` is the bookkeeping (plain, single-threaded, clock passed in, so it is tested exactly). Two front
 ends use it:
@@ -22,7 +22,6 @@ import math
 import random
 import threading
 import time
-import urllib.robotparser
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -60,6 +59,7 @@ class HostState:
     max_active: int = 0
     attempts: int = 0  # grant tries: what the limiter spends per request (a thundering herd shows here)
     reclaimed: int = 0  # leases taken back from dead holders
+    min_interval: float = 0.0  # robots.txt Crawl-delay / Request-rate: seconds between request starts
 
 
 class HostBook:
@@ -103,7 +103,7 @@ class HostBook:
         state.active += 1
         state.max_active = max(state.max_active, state.active)
         state.requests += 1
-        state.next_slot = max(state.next_slot, now) + self.interval
+        state.next_slot = max(state.next_slot, now) + max(self.interval, state.min_interval)
         return lease, 0.0, None
 
     def submit(self, host: str, ticket: Ticket) -> None:
@@ -147,6 +147,15 @@ class HostBook:
             wake = first_give_up if wake is None else min(wake, first_give_up)
         return done, wake
 
+    def set_min_interval(self, host: str, seconds: float) -> None:
+        """The host asks for at least ``seconds`` between request starts (robots.txt Crawl-delay); applies from the
+        last granted request on."""
+        state = self._state(host)
+        if state.requests and seconds > state.min_interval:
+            last_start = state.next_slot - max(self.interval, state.min_interval)
+            state.next_slot = max(state.next_slot, last_start + seconds)
+        state.min_interval = seconds
+
     def release(self, host: str, lease: int, outcome: str, now: float, pause_s: float = 0.0) -> None:
         """Return a slot. ``outcome``: ok, client_error, timeout, connection, server_error, throttled."""
         state = self._state(host)
@@ -183,7 +192,7 @@ class HostBook:
     def snapshot(self) -> dict:
         return {host: {"requests": s.requests, "max_active": s.max_active, "times_paused": s.times_opened,
                        "consecutive_failures": s.consecutive_failures, "attempts": s.attempts,
-                       "reclaimed": s.reclaimed}
+                       "reclaimed": s.reclaimed, "crawl_delay_s": s.min_interval}
                 for host, s in self.hosts.items()}
 
 
@@ -234,13 +243,17 @@ class LocalHostLimiter:
             self.book.release(host, lease, outcome, time.monotonic(), pause_s)
             self._settle(host)
 
-    def get_robots(self, host_key: str) -> Optional[tuple[int, str]]:
+    def get_robots(self, host_key: str) -> Optional[tuple]:
         with self._lock:
             return self.robots.get(host_key)
 
-    def put_robots(self, host_key: str, value: tuple[int, str]) -> None:
+    def put_robots(self, host_key: str, value: tuple) -> None:
         with self._lock:
             self.robots[host_key] = value
+
+    def set_min_interval(self, host: str, seconds: float) -> None:
+        with self._lock:
+            self.book.set_min_interval(host, seconds)
 
     def snapshot(self) -> dict:
         with self._lock:
@@ -293,22 +306,6 @@ def x_robots_opt_out(header_values: list[str], agent: str) -> Optional[str]:
             if token in OPT_OUT_DIRECTIVES:
                 return token
     return None
-
-
-def robots_allows(robots: tuple[int, str], agent: str, url: str) -> Optional[bool]:
-    """Decide from a cached robots.txt fetch (http status, body) whether ``agent`` may fetch ``url``.
-
-    Follows RFC 9309: 2xx → parse the rules; 4xx → no rules, everything allowed; 5xx / unreachable (status 0) →
-    None, meaning "cannot tell now": the caller records a retryable failure rather than fetching.
-    """
-    status, body = robots
-    if 400 <= status < 500:
-        return True
-    if not 200 <= status < 300:
-        return None
-    parser = urllib.robotparser.RobotFileParser()
-    parser.parse(body.splitlines())
-    return parser.can_fetch(agent, url)
 
 
 def agent_token(user_agent: str) -> str:

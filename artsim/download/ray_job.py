@@ -134,6 +134,9 @@ class HostLimiterActorImpl:
     async def held_by(self, holder: str) -> int:
         return self.book.held_by(holder)
 
+    async def set_min_interval(self, host: str, seconds: float) -> None:
+        self.book.set_min_interval(host, seconds)
+
     async def snapshot(self) -> dict:
         return self.book.snapshot()
 
@@ -235,6 +238,9 @@ class RayLimiterClient:
 
     def put_robots(self, origin: str, value) -> None:
         self._actor(origin).put_robots.remote(origin, value)
+
+    def set_min_interval(self, host: str, seconds: float) -> None:
+        self._actor(host).set_min_interval.remote(host, seconds)
 
 
 class ShardWorker:

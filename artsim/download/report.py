@@ -27,7 +27,7 @@ def build_report(committed: pa.Table, run: dict, limiter_snapshot: dict, total_r
     host_rows = []
     for host, counts in by_host.items():
         total = sum(counts.values())
-        failed = total - counts.get("ok", 0)
+        failed = total - counts.get("ok", 0) - counts.get("internal_error", 0)  # a bug is not the host's failure
         host_rows.append({"host": host, "total": total, "ok": counts.get("ok", 0), "failed": failed,
                           "status": dict(counts)})
     host_rows.sort(key=lambda r: (-r["total"], r["host"]))
@@ -42,6 +42,9 @@ def build_report(committed: pa.Table, run: dict, limiter_snapshot: dict, total_r
         "records_total": total_records,
         "records_in_images": len(statuses),
         "by_status": {s: by_status.get(s, 0) for s in STATUSES if by_status.get(s)},
+        # records committed as internal_error (bugs in artsim, never blamed on a host) and, for this run, each
+        # distinct error with its count and first traceback
+        "internal_errors": by_status.get("internal_error", 0),
         "by_host": {r["host"]: r["status"] for r in host_rows},
         "top_failing_hosts": failing,
         "paused_hosts": paused,
@@ -67,6 +70,8 @@ def print_report(report: dict, report_uri: Optional[str] = None) -> None:
         table(["failing host", "failed", "total", "statuses"],
               [[r["host"], r["failed"], r["total"], ", ".join(f"{k}={v}" for k, v in sorted(r["status"].items()))]
                for r in report["top_failing_hosts"][:10]])
+    for signature, seen in report["this_run"].get("internal_errors", {}).items():
+        say(f"internal error x{seen['count']}: {signature}")
     if report["paused_hosts"]:
         say("paused by the circuit breaker: " + ", ".join(r["host"] for r in report["paused_hosts"]))
     state = "complete" if report["complete"] else "INCOMPLETE (re-run to finish)"

@@ -21,7 +21,7 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP")
 
 
 class ImageRejected(Exception):
-    """The bytes cannot become an image; ``status`` is not_image, too_large or decode_error."""
+    """The bytes cannot become an image we keep; ``status`` is not_image, too_large, too_small or decode_error."""
 
     def __init__(self, status: str, message: str):
         super().__init__(message)
@@ -37,8 +37,13 @@ class Processed:
     original_height: int
 
 
-def process_image(data: bytes, size: int, max_pixels: int, fmt: str = "jpeg", quality: int = 90) -> Processed:
-    """Decode ``data``, resize so the longest side is ``size`` (aspect kept) and encode as ``fmt``."""
+def process_image(data: bytes, size: int, max_pixels: int, fmt: str = "jpeg", quality: int = 90,
+                  min_width: int = 0, min_height: int = 0, max_aspect_ratio: Optional[float] = None) -> Processed:
+    """Decode ``data``, resize so the longest side is ``size`` (aspect kept) and encode as ``fmt``.
+
+    ``min_width`` / ``min_height`` (upright, after EXIF rotation) and ``max_aspect_ratio`` (long side / short
+    side) are checked on the header's dimensions, before any pixel is decoded: a refused image costs no decode.
+    """
     kind = sniff_format(data)
     if kind is None:
         raise ImageRejected("not_image", "content is not a supported image (sniffed from bytes)")
@@ -56,6 +61,7 @@ def process_image(data: bytes, size: int, max_pixels: int, fmt: str = "jpeg", qu
             raise ImageRejected("decode_error", f"bad dimensions {width}x{height}")
         if width * height > max_pixels:
             raise ImageRejected("too_large", f"{width}x{height} = {width * height} pixels > max_pixels {max_pixels}")
+        _check_shape(img, width, height, min_width, min_height, max_aspect_ratio)
         try:
             if kind == "JPEG" and img.mode in ("RGB", "L", "CMYK", "YCbCr"):
                 # Reduced-size decode; draft keeps the result >= the requested box, so quality is not lost.
@@ -81,6 +87,27 @@ def process_image(data: bytes, size: int, max_pixels: int, fmt: str = "jpeg", qu
     else:
         img.save(out, format="JPEG", quality=quality, optimize=False)
     return Processed(out.getvalue(), img.size[0], img.size[1], width, height)
+
+
+_ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+def _check_shape(img: Image.Image, width: int, height: int, min_width: int, min_height: int,
+                 max_aspect_ratio: Optional[float]) -> None:
+    if not (min_width or min_height or max_aspect_ratio):
+        return
+    try:
+        if img.getexif().get(0x0112) in _ROTATED:  # read from the header: the image is shown rotated
+            width, height = height, width
+    except Exception:  # a broken EXIF block: judge the stored dimensions
+        pass
+    if width < min_width or height < min_height:
+        raise ImageRejected("too_small", f"{width}x{height} is below download.min_width x min_height "
+                                         f"{min_width}x{min_height}")
+    ratio = max(width, height) / min(width, height)
+    if max_aspect_ratio and ratio > max_aspect_ratio:
+        raise ImageRejected("too_small", f"{width}x{height}: aspect ratio {ratio:.2f} > download.max_aspect_ratio "
+                                         f"{max_aspect_ratio:g}")
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

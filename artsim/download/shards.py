@@ -9,7 +9,9 @@ S3). A shard file either exists completely or not at all, so:
 * **incremental** — records added to the sources later are, by the same rule, the only ones fetched; they form new
   shards; committed shards are never rewritten and their records never refetched;
 * **retry-failed** — records whose committed status is retryable are refetched and *their own* shard file is
-  rewritten in place (one atomic replace) with the new rows, so a record never appears twice.
+  rewritten in place (one atomic replace) with the new rows, so a record never appears twice. Records committed
+  as ``internal_error`` (a bug in artsim, not an answer from a server) are refetched this way by *every* run, with
+  or without ``--retry-failed``: a re-run after the fix picks them up.
 
 Records are ordered by sha256(object_id) before chunking: shard contents and names depend only on which records are
 pending, never on source order, so a re-run after a crash plans the same shards as the run it replaces, and hosts
@@ -28,11 +30,11 @@ from typing import Iterable, Optional
 import pyarrow as pa
 
 from artsim.download.fetch import FetchResult, Fetcher, host_of
-from artsim.rundir.schema import IMAGES_SCHEMA
+from artsim.rundir.schema import IMAGES_SCHEMA, REFETCH_STATUSES
 from artsim.storage import Storage, join
 
 SHARD_PREFIX = "shard-"
-TASK_FIELDS = ("object_id", "image_url", "iiif_service", "license")
+TASK_FIELDS = ("object_id", "image_url", "iiif_service", "license", "sha256")
 
 # images/ rows: the docs/DESIGN.md columns first, then provenance columns the report and later runs use.
 OUTPUT_SCHEMA = pa.schema(list(IMAGES_SCHEMA) + [
@@ -98,7 +100,7 @@ def plan_shards(records: pa.Table, committed: pa.Table, shard_size: int, retry_f
                 retry_statuses: Iterable[str]) -> Plan:
     """Which records to fetch, grouped into shards. Pure function of (records, committed) — see module doc."""
     retry_statuses = tuple(retry_statuses)
-    rows = records.select(list(TASK_FIELDS)).to_pylist()
+    rows = records.select([f for f in TASK_FIELDS if f in records.column_names]).to_pylist()
     seen: set[str] = set()
     unique: list[dict] = []
     duplicates = missing = 0
@@ -121,12 +123,13 @@ def plan_shards(records: pa.Table, committed: pa.Table, shard_size: int, retry_f
         first = shard_key(chunk[0]["object_id"])[:8]
         tasks.append(ShardTask(f"{SHARD_PREFIX}{first}-{digest}", chunk))
     retry_count = 0
-    if retry_failed and committed.num_rows:
+    refetch = set(REFETCH_STATUSES) | (set(retry_statuses) if retry_failed else set())
+    if refetch and committed.num_rows:
         by_id = {r["object_id"]: r for r in unique}
         per_shard: dict[str, list[dict]] = defaultdict(list)
         for oid, status, shard in zip(done_ids, committed.column("status").to_pylist(),
                                       committed.column("shard").to_pylist()):
-            if status in retry_statuses and oid in by_id:
+            if status in refetch and oid in by_id:
                 per_shard[shard].append(by_id[oid])
         for shard in sorted(per_shard):
             tasks.append(ShardTask(shard[: -len(".parquet")], per_shard[shard], replace=True))
@@ -177,7 +180,7 @@ def process_shard(task: ShardTask, fetcher: Fetcher, storage: Storage, images_ur
         keep = old.filter(pc.invert(pc.is_in(old.column("object_id"), value_set=refetched)))
         table = pa.concat_tables([keep.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA), table])
     storage.write_parquet_file(table, uri)  # the commit: one atomic write
-    return summarize(results, task.shard_id, time.perf_counter() - start)
+    return summarize(results, task.shard_id, time.perf_counter() - start, fetcher.internal_errors)
 
 
 def committed_summary(storage: Storage, uri: str, task: ShardTask, elapsed_s: float) -> dict:
@@ -188,11 +191,16 @@ def committed_summary(storage: Storage, uri: str, task: ShardTask, elapsed_s: fl
             "already_committed": True}
 
 
-def summarize(results: list[FetchResult], shard_id: str, elapsed_s: float) -> dict:
+def summarize(results: list[FetchResult], shard_id: str, elapsed_s: float,
+              tracebacks: Optional[dict[str, str]] = None) -> dict:
+    """``tracebacks``: the Fetcher's first traceback per internal-error signature (sent with each signature seen)."""
     by_host: dict[str, Counter] = defaultdict(Counter)
     for r in results:
         by_host[r.host or "(local)"][r.status] += 1
+    internal = Counter(r.internal_error for r in results if r.status == "internal_error")
     return {
+        "internal_errors": {sig: {"count": n, "traceback": (tracebacks or {}).get(sig, "")}
+                            for sig, n in internal.items()},
         "shard_id": shard_id, "records": len(results),
         "status": dict(Counter(r.status for r in results)),
         "hosts": {h: dict(c) for h, c in by_host.items()},

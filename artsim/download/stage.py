@@ -1,9 +1,4 @@
-"""The download stage: records/ → images/ (+ images/_report.json). See docs/download.md.
-
-Modules: ``safety`` (URL/address checks, pinned connections), ``politeness`` (host caps, backoff, circuit breaker,
-robots), ``fetch`` (one record → FetchResult), ``resize`` (sniff/decode/resize/encode), ``shards`` (plan, commit,
-resume), ``report``, and ``ray_job`` (the thin Ray layer).
-"""
+"""The download stage: records/ -> images/ (+ images/_report.json). See docs/download.md."""
 from __future__ import annotations
 
 import time
@@ -17,10 +12,15 @@ def run_download(ctx, retry_failed: bool = False) -> dict:
     """Fetch every record's image once (resuming committed work); returns the report dict.
 
     ``retry_failed``: also refetch records whose committed status is retryable (artsim.rundir.schema.RETRYABLE_STATUSES).
+    Records committed as internal_error are refetched by every run. If any record of this run ends as
+    internal_error, the report is still written and the records committed, then :class:`StageFailed` (exit 1).
     """
+    import logging
+
     import ray
 
     from artsim.console import Progress, say
+    from artsim.errors import StageFailed
     from artsim.download.ray_job import run_shards, start_limiters
     from artsim.download.report import build_report, print_report
     from artsim.download.shards import plan_shards, read_committed
@@ -28,7 +28,7 @@ def run_download(ctx, retry_failed: bool = False) -> dict:
     from artsim.storage import SUCCESS, join
 
     storage, paths, cfg = ctx.storage, ctx.paths, ctx.config
-    records = storage.read_table(paths.records, columns=["object_id", "image_url", "iiif_service", "license"])
+    records = _read_records(storage, paths.records)
     _clean_stale_temporaries(storage, paths.images)
     committed = read_committed(storage, paths.images)
     plan = plan_shards(records, committed, cfg.download.shard_size, retry_failed, RETRYABLE_STATUSES)
@@ -37,11 +37,11 @@ def run_download(ctx, retry_failed: bool = False) -> dict:
     if plan.missing_ids:
         say(f"download: {plan.missing_ids} records without object_id skipped")
     say(f"download: {plan.total_records} records, {plan.committed} already committed, {plan.pending_new} to fetch"
-        + (f", {plan.pending_retry} to retry" if retry_failed else "")
+        + (f", {plan.pending_retry} to retry" if retry_failed or plan.pending_retry else "")
         + f" in {len(plan.tasks)} shards → {paths.images}")
 
     run = {"records": 0, "shards": 0, "status": {}, "bytes_downloaded": 0, "bytes_written": 0, "requests": 0,
-           "elapsed_s": 0.0, "retry_failed": retry_failed}
+           "elapsed_s": 0.0, "retry_failed": retry_failed, "internal_errors": {}}
     snapshot: dict = {}
     start = time.perf_counter()
     if plan.tasks:
@@ -57,6 +57,15 @@ def run_download(ctx, retry_failed: bool = False) -> dict:
                 run["status"][status] = run["status"].get(status, 0) + n
             for key in ("bytes_downloaded", "bytes_written", "requests"):
                 run[key] += summary[key]
+            for signature, seen in summary.get("internal_errors", {}).items():
+                known = run["internal_errors"].get(signature)
+                if known is None:  # the traceback once per distinct error per job, not once per record
+                    run["internal_errors"][signature] = dict(seen)
+                    logging.getLogger("artsim.download").error(
+                        "internal error (a bug in artsim, not a host failure): %s\n%s", signature,
+                        seen.get("traceback", ""))
+                else:
+                    known["count"] += seen["count"]
             progress.update(summary["records"], extra=f"ok={run['status'].get('ok', 0)} "
                                                       f"shards={run['shards']}/{len(plan.tasks)}")
 
@@ -77,9 +86,16 @@ def run_download(ctx, retry_failed: bool = False) -> dict:
     complete = record_ids.issubset(set(final.column("object_id").to_pylist()))
     report = build_report(final, run, snapshot, len(record_ids), complete, paths.images)
     storage.write_json(paths.images_report, report)
-    if complete:
+    internal = report["by_status"].get("internal_error", 0)
+    if complete and not internal:  # records that met a bug are not done: downstream stages wait for the fix
         storage.write_bytes(join(paths.images, SUCCESS), b"")
     print_report(report, paths.images_report)
+    if internal:
+        kinds = max(len(run["internal_errors"]), 1)
+        raise StageFailed(f"download: {internal} records failed with internal_error ({kinds} distinct "
+                          f"error{'s' if kinds > 1 else ''}: a bug in artsim, not a host failure; tracebacks "
+                          f"above and in {paths.images_report}); they are committed and the next run fetches "
+                          f"them again")
     return report
 
 
@@ -90,3 +106,18 @@ def _clean_stale_temporaries(storage, images_uri: str) -> None:
     for name in storage.list(images_uri):
         if name.startswith(".shard-") and ".tmp-" in name:
             storage.delete(join(images_uri, name))
+
+
+def _read_records(storage, records_uri: str):
+    """The columns the download needs; ``sha256`` only when the records have it (records/ written before the
+    column existed still download, unchecked)."""
+    import pyarrow as pa
+
+    from artsim.download.shards import TASK_FIELDS
+
+    try:
+        return storage.read_table(records_uri, columns=list(TASK_FIELDS))
+    except pa.ArrowInvalid as exc:
+        if "sha256" not in str(exc):
+            raise
+        return storage.read_table(records_uri, columns=[f for f in TASK_FIELDS if f != "sha256"])

@@ -8,9 +8,12 @@
   ``collection`` is the fallback for empty cells).
 - ``date_begin`` / ``date_end`` take integer years; unmapped, they are derived from ``date``.
 - ``license`` values are normalised (``CC BY 4.0`` -> ``CC-BY-4.0``).
+- ``sha256`` (the source's hash of the file at ``image_url``; the download checks it) is 64 hex digits, optionally
+  prefixed ``sha256:``; stored lowercase. Any other non-empty value makes the row bad (a check we could not do).
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Iterable, Iterator
 
 from artsim.errors import ConfigError
@@ -76,6 +79,25 @@ def parse_table(rows: Iterable[tuple[str, Any]], collection: str, mapping: dict[
                 fields[field] = text_list(value, sep=LIST_SEPARATOR) if isinstance(value, str) else text_list(value)
             elif field == "license":
                 fields[field] = normalize_license(value)
+            elif field == "sha256":
+                fields[field] = normalize_sha256(value)
+                if fields[field] is False:
+                    break
             else:
                 fields[field] = value
+        if fields.get("sha256") is False:
+            yield BadRow(position, f"sha256 {text(row.get(mapping['sha256']))!r} is not 64 hex digits")
+            continue
         yield make_record(row_collection, local_id, SOURCE, **fields)
+
+
+_SHA256 = re.compile(r"(?:sha256:)?([0-9a-f]{64})")
+
+
+def normalize_sha256(value: Any):
+    """64 lowercase hex digits, None when empty, False when something else (the row is bad)."""
+    value = (text(value) or "").strip().lower()
+    if not value:
+        return None
+    m = _SHA256.fullmatch(value)
+    return m.group(1) if m else False

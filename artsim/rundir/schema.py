@@ -7,7 +7,7 @@ import pyarrow as pa
 RECORD_FIELDS = (
     "object_id", "collection", "local_id", "image_url", "iiif_service", "title", "creator", "date", "date_begin",
     "date_end", "culture", "medium", "object_type", "subjects", "concepts", "license", "landing_url",
-    "description", "source",
+    "description", "source", "sha256",
 )
 LIST_FIELDS = ("subjects", "concepts")
 
@@ -31,14 +31,18 @@ RECORDS_SCHEMA = pa.schema([
     ("landing_url", pa.string()),
     ("description", pa.string()),
     ("source", pa.string()),  # source kind that produced the record
+    ("sha256", pa.string()),  # optional: the source's sha256 of the file at image_url (64 lowercase hex digits)
 ])
 
-# Download outcome vocabulary (docs/DESIGN.md). Retryable ones are refetched by --retry-failed.
+# Download outcome vocabulary (DESIGN.md, plus too_small, hash_mismatch and internal_error). Retryable ones are
+# refetched by --retry-failed; internal_error (a bug in artsim, never an answer from a server) by every run.
 STATUSES = (
-    "ok", "not_found", "http_error", "timeout", "too_large", "not_image", "decode_error", "blocked_address",
-    "robots_disallowed", "opted_out", "license_excluded", "invalid_url",
+    "ok", "not_found", "http_error", "timeout", "too_large", "too_small", "not_image", "decode_error",
+    "hash_mismatch", "blocked_address", "robots_disallowed", "opted_out", "license_excluded", "invalid_url",
+    "internal_error",
 )
 RETRYABLE_STATUSES = ("http_error", "timeout")
+REFETCH_STATUSES = ("internal_error",)
 
 IMAGES_SCHEMA = pa.schema([
     ("object_id", pa.string()),
