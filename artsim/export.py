@@ -128,7 +128,7 @@ def _img2dataset_schema(record_fields: list[str], records_schema: pa.Schema) -> 
 
 def run_export(ctx, fmt: str, out: str, samples_per_shard: int = 10_000) -> ExportSummary:
     from artsim.console import Progress, say
-    from artsim.download.shards import shard_files
+    from artsim.rundir.images import shard_files
     from artsim.errors import ArtsimError
     from artsim.storage import SUCCESS, join
 

@@ -75,7 +75,7 @@ class NodeRemover(threading.Thread):
         self.info: dict = {"removed": False}
 
     def run(self) -> None:
-        from artsim.download.shards import shard_files
+        from artsim.rundir.images import shard_files
 
         deadline = time.monotonic() + self.timeout_s
         try:

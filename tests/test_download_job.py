@@ -20,7 +20,8 @@ from httpd import MisbehavingServer  # noqa: E402
 
 from artsim.config import config_from_dict  # noqa: E402
 from artsim.download.stage import run_download  # noqa: E402
-from artsim.download.shards import read_committed, shard_files  # noqa: E402
+from artsim.download.shards import read_committed
+from artsim.rundir.images import shard_files  # noqa: E402
 from artsim.runtime import RunContext  # noqa: E402
 from artsim.rundir.schema import empty_record, records_table  # noqa: E402
 from artsim.storage import SUCCESS, join  # noqa: E402

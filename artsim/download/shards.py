@@ -31,9 +31,9 @@ import pyarrow as pa
 
 from artsim.download.fetch import FetchResult, Fetcher, host_of
 from artsim.rundir.schema import IMAGES_SCHEMA, REFETCH_STATUSES
+from artsim.rundir.images import SHARD_PREFIX, shard_files
 from artsim.storage import Storage, join
 
-SHARD_PREFIX = "shard-"
 TASK_FIELDS = ("object_id", "image_url", "iiif_service", "license", "sha256")
 
 # images/ rows: the docs/DESIGN.md columns first, then provenance columns the report and later runs use.
@@ -74,10 +74,6 @@ class Plan:
     duplicate_ids: int = 0  # duplicate object_ids in records/ (first kept)
     missing_ids: int = 0  # records without object_id (cannot be tracked; skipped)
     retry_statuses: tuple[str, ...] = field(default_factory=tuple)
-
-
-def shard_files(storage: Storage, images_uri: str) -> list[str]:
-    return [n for n in storage.list(images_uri) if n.startswith(SHARD_PREFIX) and n.endswith(".parquet")]
 
 
 def read_committed(storage: Storage, images_uri: str, columns: Iterable[str] = ("object_id", "status")) -> pa.Table:
