@@ -1,7 +1,7 @@
 """The embed stage: images/ -> embeddings/<model_key>/ with a torchvision backbone (+ an artsim-trained head).
 
 `run_embed(ctx)` is the Ray Data pipeline (artsim/embed/ray_embed.py); the model artifact format and model
-building live in artsim/embed/artifact.py; image preprocessing in artsim/embed/preprocess.py.
+building live in artsim/models/; image preprocessing in artsim/models/preprocess.py.
 """
 from __future__ import annotations
 

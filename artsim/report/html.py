@@ -1,4 +1,4 @@
-"""HTML sections for the report page (artsim/report.py's CSS classes: row, card, cap, noimg, arrow, sheet).
+"""HTML sections for the report page (artsim/report/stage.py's CSS classes: row, card, cap, noimg, arrow, sheet).
 
 Every value that comes from records is escaped; links are only emitted for http(s) URLs (a record's landing URL is
 untrusted input: ``javascript:`` must not become a clickable link), thumbnails only when they are data URIs.

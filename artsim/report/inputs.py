@@ -4,7 +4,7 @@ Counts (records per collection, embedded works) are computed by streaming one or
 sample of at most ``report.max_works`` works, stratified per collection, is chosen from the embeddings' object ids
 (`plan_sample`) and only those works' vectors and records are kept while the files are streamed; the neighbour
 sheets are the strongest rank-1 links of the whole links table (a bounded top-N over a streamed scan,
-`strongest_links`) with only their rows read; thumbnails only for the works shown. artsim/report.py renders.
+`strongest_links`) with only their rows read; thumbnails only for the works shown. artsim/report/stage.py renders.
 """
 from __future__ import annotations
 

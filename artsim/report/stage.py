@@ -7,7 +7,7 @@ is embedded (thumbnails as data URIs, plots as PNG), so the page opens offline a
 
 Runs of any size: the driver never holds a whole input. What is read, and how (streamed counts, a deterministic
 per-collection sample of at most ``report.max_works`` works, the strongest links by a bounded top-N), lives in
-artsim/report_inputs.py; this module computes the sections and renders the page.
+artsim/report/inputs.py; this module computes the sections and renders the page.
 """
 from __future__ import annotations
 

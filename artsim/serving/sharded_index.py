@@ -100,7 +100,7 @@ class ShardedIndex:
         uri = uri.rstrip("/")
         manifest, files = _read_manifest(uri, storage, cache_dir)
         # Every file is verified (size + sha256) before any of them is parsed: a corrupt shard is refused without
-        # pyarrow or FAISS ever reading a byte of this version (tests/test_serve_integrity.py counts the calls).
+        # pyarrow or FAISS ever reading a byte of this version (tests/test_index_integrity.py counts the calls).
         ids_path = files.fetch(manifest["ids"], manifest["ids_sha256"], manifest["ids_bytes"], ".parquet")
         shard_paths = [files.fetch(e["path"], e["sha256"], e["bytes"], ".faiss") for e in manifest["shards"]]
         table = _read_id_table(ids_path, manifest)
