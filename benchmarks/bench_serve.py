@@ -43,7 +43,7 @@ def build(out: str, n: int, dim: int) -> str:
     import ray
 
     from artsim.config import config_from_dict
-    from artsim.index import run_index
+    from artsim.index.stage import run_index
     from artsim.index.testdata import clustered_vectors, object_ids_for, write_run
     from artsim.runtime import RunContext
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from artsim.config import EmbedConfig, config_from_dict
-from artsim.index import run_index
+from artsim.index.stage import run_index
 from artsim.index.testdata import clustered_vectors, embeddings_table, object_ids_for, records_for, write_run
 from artsim.runtime import RunContext
 from artsim.serve.app import create_app

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from artsim.config import config_from_dict
-from artsim.index import run_index
+from artsim.index.stage import run_index
 from artsim.index.testdata import clustered_vectors, object_ids_for, write_run
 from artsim.runtime import RunContext
 from artsim.serve.app import create_app
