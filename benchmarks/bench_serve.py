@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/bench_serve.py --n 200000 --dim 256       # what a 2-core dev box runs in minutes
 
 Steps:
-1. build: N clustered unit vectors with synthetic facets (artsim.index.testdata), indexed by `run_index` on a local
+1. build: N clustered unit vectors with synthetic facets (artsim.testing.index_data), indexed by `run_index` on a local
    Ray (default index choice for N: Flat up to 1M vectors); reused from benchmarks/out/serve/ when present;
 2. in-process: for 1 / 4 / 16 concurrent callers (threads), the same query mix through ShardedIndex:
    id (`search_ids`), vector (`search`) and conditional (`search_ids` with ``culture=China``, 1/8 of the works);
@@ -44,7 +44,7 @@ def build(out: str, n: int, dim: int) -> str:
 
     from artsim.config import config_from_dict
     from artsim.index.stage import run_index
-    from artsim.index.testdata import clustered_vectors, object_ids_for, write_run
+    from artsim.testing.index_data import clustered_vectors, object_ids_for, write_run
     from artsim.runtime import RunContext
 
     t = time.perf_counter()

@@ -14,7 +14,7 @@ import pytest
 from artsim.config import config_from_dict
 from artsim.errors import IntegrityError
 from artsim.index.stage import run_index
-from artsim.index.testdata import clustered_vectors, object_ids_for, write_run
+from artsim.testing.index_data import clustered_vectors, object_ids_for, write_run
 from artsim.runtime import RunContext
 from artsim.serving import ShardedIndex, read_index_ids
 

@@ -19,7 +19,7 @@ import pytest
 
 from artsim.config import EmbedConfig, config_from_dict
 from artsim.index.stage import run_index
-from artsim.index.testdata import clustered_vectors, embeddings_table, object_ids_for, records_for, write_run
+from artsim.testing.index_data import clustered_vectors, embeddings_table, object_ids_for, records_for, write_run
 from artsim.runtime import RunContext
 from artsim.serve.app import create_app
 from artsim.serve.queries import Limits

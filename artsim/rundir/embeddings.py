@@ -117,8 +117,8 @@ def embeddings_schema(dim: int, dtype: str) -> pa.Schema:
 
 def iter_embedding_batches(storage, uri: str, keep: Optional[Iterable[str]] = None, batch_rows: int = 65_536
                            ) -> Iterator[tuple[list, np.ndarray]]:
-    """embeddings/<key>/ streamed: (object_ids, float32 (rows, d) unit rows) per batch, only usable rows (the rule
-    above; a repeated object_id keeps its first row), only the ``keep`` ids when given. Memory: one batch plus the
+    """embeddings/<key>/ streamed: (object_ids, float32 (rows, d) rows of exactly unit length) per batch, only
+    usable rows (the rule above; a repeated object_id keeps its first row), only the ``keep`` ids when given. Memory: one batch plus the
     ids seen so far (for the repeated-id rule)."""
     wanted = None if keep is None else pa.array(sorted(set(keep)), pa.string())
     dim = None
@@ -143,7 +143,10 @@ def iter_embedding_batches(storage, uri: str, keep: Optional[Iterable[str]] = No
                     rows.append(i)
             skipped += batch.num_rows - len(rows)
             if rows:
-                yield [ids[i] for i in rows], np.ascontiguousarray(vectors[rows])
+                matrix = vectors[rows]
+                # exactly unit length (float16 storage moves norms by ~1e-3): training and mining compare cosines
+                matrix /= np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
+                yield [ids[i] for i in rows], np.ascontiguousarray(matrix)
     if skipped:
         log.warning("%s: %d rows skipped (bad vector, no object_id, or a repeated object_id)", uri, skipped)
 
