@@ -502,7 +502,7 @@ def apply_override(tree: dict, assignment: str) -> None:
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(key_path, f"cannot parse value {raw!r}: {exc}") from None
+        raise ConfigError(key_path, f"--set value {_short(raw)} is not valid YAML: {_yaml_problem(exc)}") from None
     node: Any = tree
     for depth, key in enumerate(keys[:-1]):
         here = ".".join(keys[: depth + 1])
@@ -531,6 +531,18 @@ def _list_index(node: list, key: str, path: str) -> int:
     return index
 
 
+MAX_CONFIG_BYTES = 10_000_000  # configs are typed by people; a larger file is a mistake (or an attack on the parser)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line from a YAML parser error: what is wrong and where (line and column, 1-based)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    context = getattr(exc, "context", None)
+    return f"{where}{problem}" + (f" ({context})" if context else "")
+
+
 def config_from_dict(tree: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     import copy
 
@@ -543,12 +555,28 @@ def config_from_dict(tree: dict, overrides: list[str] | tuple[str, ...] = ()) ->
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config file (local path) and apply ``--set`` overrides; raises ConfigError on any problem."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(str(path), "is a directory, not a config file")
     if not p.is_file():
-        raise ConfigError(str(path), "config file not found")
+        raise ConfigError(str(path), "config file not found" if not p.exists() else "not a regular file")
     try:
-        tree = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot read the config file: {exc.strerror or exc}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(str(path), f"{len(data)} bytes; a config file is at most {MAX_CONFIG_BYTES}")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(str(path), f"not UTF-8 text: byte 0x{data[exc.start]:02x} at line {line} "
+                                     f"(byte offset {exc.start})") from None
+    try:
+        tree = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(str(path), f"not valid YAML: {exc}") from None
+        raise ConfigError(str(path), f"not valid YAML: {_yaml_problem(exc)}") from None
+    except RecursionError:  # [[[[...]]]] nested deeper than the parser's stack
+        raise ConfigError(str(path), "not valid YAML: nested too deeply") from None
     if tree is not None and not isinstance(tree, dict):
         raise ConfigError(str(path), "the top level must be a mapping")
     tree = tree or {}

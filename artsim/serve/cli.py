@@ -10,7 +10,9 @@ log = logging.getLogger("artsim.serve")
 
 
 def serve_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="artsim serve", description="Serve artsim indexes over HTTP (docs/serve.md).")
+    from artsim.cli import OneLineParser
+
+    p = OneLineParser(prog="artsim serve", description="Serve artsim indexes over HTTP (docs/serve.md).")
     p.add_argument("--index", dest="indexes", action="append", required=True, metavar="URI",
                    help="URI of index/<name>/ (local, file:// or s3://); repeatable; served at /v1/<name>/")
     p.add_argument("--host", default="127.0.0.1")
