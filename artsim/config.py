@@ -92,7 +92,7 @@ class IngestConfig:
     max_source_bytes: int = 4_000_000_000  # bytes read from one source (all its files, after gunzip)
     max_document_bytes: int = 1_000_000_000  # a JSON document (not JSON lines) is parsed whole: at most this size
     max_row_chars: int = 10_000_000  # one CSV row or JSON line
-    max_field_chars: int = 1_000_000  # one text value of a record (title, description, a subject ...)
+    max_field_chars: int = 131_072  # one CSV field, or one text value of a JSON-lines or Parquet table row
     read_timeout_s: float = 120.0  # a read that returns nothing for this long ends the source with an error
 
     RANGES = {

@@ -56,7 +56,7 @@ class Processed:
 
 
 def process_image(data: bytes, size: int, max_pixels: int, fmt: str = "jpeg", quality: int = 90) -> Processed:
-    """Decode ``data``, resize so the longest side is ``size`` (aspect kept) and encode as ``fmt``."""
+    """Decode ``data``, reduce so the longest side is at most ``size`` (aspect kept; never enlarged), encode as ``fmt``."""
     kind = sniff_format(data)
     if kind is None:
         raise ImageRejected("not_image", "content is not a supported image (sniffed from bytes)")
@@ -85,7 +85,9 @@ def process_image(data: bytes, size: int, max_pixels: int, fmt: str = "jpeg", qu
             raise ImageRejected("too_large", f"decompression bomb: {exc}") from None
         except Exception as exc:
             raise ImageRejected("decode_error", f"cannot decode {kind}: {exc}") from None
-    scale = size / max(img.size)
+    # Never enlarged: an upscaled image holds no more information, only more bytes and memory (a huge image_size
+    # on small originals multiplied both by the thread count). Smaller originals keep their size.
+    scale = min(1.0, size / max(img.size))
     new_size = (max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale)))
     if new_size != img.size:
         # Bilinear, antialiased when reducing (Pillow widens the triangle filter by the scale factor): measured
