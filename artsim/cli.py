@@ -149,6 +149,8 @@ def _guard(fn) -> int:
     from artsim.console import PrintableFormatter
 
     logging.basicConfig(level=logging.INFO)
+    for noisy in ("botocore", "aiobotocore", "s3fs"):  # "Found credentials in environment variables" on every run
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     for handler in logging.getLogger().handlers:
         handler.setFormatter(PrintableFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     try:

@@ -31,7 +31,7 @@ from conftest import REPO
 ARTSIM = REPO / ".venv" / "bin" / "artsim"
 MEMORY_BOUND_MB = 1024  # peak RSS of one CLI process (Python + pyarrow + yaml is ~150-250 MB)
 ADDRESS_SPACE_CAP = 8 << 30  # hard backstop so that a regression fails the test instead of the machine
-ESC = "\x1b"
+INFO_LOG = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ INFO ")
 HOSTILE = "A\x1b[2J\x1b]0;PWNED\x07\u202eevil\x9b31m"  # clear screen, set the title, bidi override, 8-bit CSI
 
 
@@ -69,7 +69,8 @@ def artsim(*args: str, cwd: Path, timeout: float = 90, env: dict | None = None) 
 def assert_user_error(result: Result, *needles: str) -> str:
     """Exit 2, one line on stderr naming what is wrong, nothing raw from the data, memory bounded."""
     assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
-    lines = result.stderr.strip().splitlines()
+    # INFO log lines (timestamped) are progress, not the error; everything else on stderr is the message
+    lines = [ln for ln in result.stderr.strip().splitlines() if not INFO_LOG.match(ln)]
     assert len(lines) == 1, result.stderr[-3000:]
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
@@ -269,7 +270,7 @@ def test_overlong_rows_and_fields_are_counted_unparsable_in_bounded_memory(tmp_p
         for _ in range(100):
             f.write(chunk)
         f.write("\n3,third\n4," + "y" * 5000 + "\n")
-    (tmp_path / "long.jsonl").write_text('{"id": "1"}\n{"id": "2", "t": "' + "z" * 100_000 + '"}\n{"id": "3"}\n')
+    (tmp_path / "long.jsonl").write_text('{"id": "11"}\n{"id": "12", "t": "' + "z" * 100_000 + '"}\n{"id": "13"}\n')
     config = write_config(tmp_path, [csv_source(tmp_path / "long.csv"), csv_source(tmp_path / "long.jsonl")],
                           ingest={"max_row_chars": 50_000, "max_field_chars": 1000})
     result = artsim("ingest", "-c", str(config), cwd=tmp_path, timeout=120)
