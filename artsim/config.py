@@ -106,7 +106,7 @@ class IngestConfig:
 
 @dataclass
 class DownloadConfig:
-    image_size: int = 384  # longest side after resize
+    image_size: int = 384  # longest side after resize (never enlarged beyond the original)
     # turn the private/loopback/link-local address block off (trusted mirrors only)
     allow_private_addresses: bool = False
     allow_hosts: list[str] = field(default_factory=list)  # hosts/IPs exempt from the private-address block
