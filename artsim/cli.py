@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import os
 import sys
 
 from artsim.config import STAGES
+from artsim.command import OneLineParser, run_command
 from artsim.errors import ArtsimError
 
-
 def _stage_parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog)
+    p = OneLineParser(prog=prog)
     p.add_argument("-c", "--config", required=True, help="YAML config file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a config value (repeatable)")
@@ -24,7 +24,7 @@ def _stage_parser(prog: str) -> argparse.ArgumentParser:
 def stage_main(stage: str, argv: list[str]) -> int:
     """Entry point shared by `artsim STAGE` and `python jobs/STAGE.py`."""
     args = _stage_parser(f"artsim {stage}").parse_args(argv)
-    return _guard(lambda: _run_stage(stage, args))
+    return run_command(lambda: _run_stage(stage, args))
 
 
 def _run_stage(stage: str, args) -> int:
@@ -33,6 +33,7 @@ def _run_stage(stage: str, args) -> int:
     from artsim.runtime import RunContext
 
     ctx = RunContext(load_config(args.config, args.overrides))
+    ctx.check_run_root()
     if stage == "pipeline":
         run_pipeline(ctx, retry_failed=args.retry_failed)
     else:
@@ -42,7 +43,7 @@ def _run_stage(stage: str, args) -> int:
 
 
 def query_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="artsim query", description="Nearest neighbours from an artsim index.")
+    p = OneLineParser(prog="artsim query", description="Nearest neighbours from an artsim index.")
     p.add_argument("--index", required=True, help="URI of index/<name>/ (local, file:// or s3://)")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--id", dest="object_id", help="object_id of an indexed work")
@@ -54,16 +55,16 @@ def query_main(argv: list[str]) -> int:
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--cache-dir", default=None)
     args = p.parse_args(argv)
-    return _guard(lambda: _query(args))
+    return run_command(lambda: _query(args))
 
 
 def _query(args) -> int:
-    import json
-
     from artsim.serving import ShardedIndex, parse_where
 
     if args.k < 1:
         raise ArtsimError("-k: must be at least 1")
+    if args.image is not None:
+        _check_image_path(args.image)
     where = parse_where(args.where)
     index = ShardedIndex.open(args.index, cache_dir=args.cache_dir)
     if args.object_id:
@@ -74,8 +75,10 @@ def _query(args) -> int:
         search = index.farthest if args.farthest else index.search
         hits = search(vectors, args.k, where=where)[0]
     if args.json:
+        from artsim.console import json_line
+
         for hit in hits:
-            print(json.dumps(hit, default=str, ensure_ascii=False))
+            print(json_line(hit))
     else:
         from artsim.console import table
 
@@ -85,13 +88,17 @@ def _query(args) -> int:
     return 0
 
 
-def _guard(fn) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _check_image_path(path: str) -> None:
+    import stat
+
     try:
-        return fn()
-    except ArtsimError as exc:
-        print(f"artsim: error: {exc}", file=sys.stderr)
-        return getattr(exc, "exit_code", 2)
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise ArtsimError(f"--image: {path}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
+        raise ArtsimError(f"--image: {path} is a directory, not an image file")
+    if not stat.S_ISREG(mode):
+        raise ArtsimError(f"--image: {path} is not a regular file")
 
 
 USAGE = f"usage: artsim {{{','.join(STAGES + ('pipeline', 'query', 'serve', 'export', 'demo'))}}} ..."
@@ -118,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     if command == "demo":
         from artsim.demo import demo_main
 
-        return _guard(lambda: demo_main(rest))
-    print(f"artsim: error: unknown command {command!r}\n{USAGE}", file=sys.stderr)
+        return run_command(lambda: demo_main(rest))
+    print(_error_line(f"unknown command {command!r}; {USAGE}"), file=sys.stderr)
     return 2
 
 

@@ -5,12 +5,14 @@ and bad values raise :class:`ConfigError` naming the key path (``download.per_ho
 integer, got 'four'``). ``--set key.path=value`` overrides are applied to the raw YAML tree before validation, so
 they are checked exactly like file values.
 
-Each stage owns one section dataclass. Range checks live in a section's ``check()`` method, which returns
-``(key, message)`` pairs.
+Each stage owns one section dataclass. Every number has an allowed range in its section's ``RANGES`` (finite,
+and bounded above wherever a value could exhaust memory, time or a remote host); floats are never NaN or infinite.
+Other checks live in a section's ``check()`` method, which returns ``(key, message)`` pairs.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +25,27 @@ from artsim.errors import ConfigError
 
 SOURCE_KINDS = ("table", "met_api_json", "met_csv", "smk_json", "europeana_json", "iiif_manifest")
 STAGES = ("ingest", "download", "embed", "mine", "train", "index", "links", "report")
+SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a number: ``low``..``high``, each end inclusive unless marked open."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+
+    def contains(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def describe(self) -> str:
+        low = f"above {self.low:g}" if self.low_open else f"at least {self.low:g}"
+        high = f"below {self.high:g}" if self.high_open else f"at most {self.high:g}"
+        return f"must be {low} and {high}"
 
 
 @dataclass
@@ -40,9 +63,7 @@ class RayConfig:
     address: Optional[str] = None  # null: start a local Ray; otherwise e.g. "auto"
     num_cpus: Optional[int] = None  # only for a local Ray started by artsim
 
-    def check(self):
-        if self.num_cpus is not None and self.num_cpus < 1:
-            yield "num_cpus", "must be at least 1"
+    RANGES = {"num_cpus": Range(1, 100_000)}
 
 
 @dataclass
@@ -64,8 +85,28 @@ class SourceConfig:
 
 
 @dataclass
+class IngestConfig:
+    """Limits on reading sources, which outsiders write: past a cap a source stops with a one-line error (bytes,
+    documents, stalls) or a row becomes an unparsable row (rows, fields). Only regular files and S3 objects are read."""
+
+    max_source_bytes: int = 4_000_000_000  # bytes read from one source (all its files, after gunzip)
+    max_document_bytes: int = 1_000_000_000  # a JSON document (not JSON lines) is parsed whole: at most this size
+    max_row_chars: int = 10_000_000  # one CSV row or JSON line
+    max_field_chars: int = 131_072  # one CSV field, or one text value of a JSON-lines or Parquet table row
+    read_timeout_s: float = 120.0  # a read that returns nothing for this long ends the source with an error
+
+    RANGES = {
+        "max_source_bytes": Range(1, 1_000_000_000_000),
+        "max_document_bytes": Range(1, 16_000_000_000),
+        "max_row_chars": Range(64, 1_000_000_000),
+        "max_field_chars": Range(16, 1_000_000_000),
+        "read_timeout_s": Range(0, 86_400, low_open=True),
+    }
+
+
+@dataclass
 class DownloadConfig:
-    image_size: int = 384  # longest side after resize
+    image_size: int = 384  # longest side after resize (never enlarged beyond the original)
     # turn the private/loopback/link-local address block off (trusted mirrors only)
     allow_private_addresses: bool = False
     allow_hosts: list[str] = field(default_factory=list)  # hosts/IPs exempt from the private-address block
@@ -99,38 +140,29 @@ class DownloadConfig:
     # largest long-side / short-side ratio kept (strips, banners); beyond it status too_small; null: any
     max_aspect_ratio: Optional[float] = None
 
+    # Upper bounds: an image is decoded at full size (max_pixels x 3 bytes) by each of fetch_threads threads.
+    RANGES = {
+        "image_size": Range(16, 8192),
+        "per_host_connections": Range(1, 256),
+        "per_host_requests_per_second": Range(0, 100_000, low_open=True),  # local mirrors: 10_000
+        "timeout_s": Range(0, 3600, low_open=True),
+        "max_bytes": Range(1, 2_000_000_000),
+        "max_pixels": Range(1, 1_000_000_000),
+        "max_redirects": Range(0, 20),
+        "retries": Range(0, 20),
+        "backoff_base_s": Range(0, 3600),
+        "backoff_max_s": Range(0, 86_400),
+        "circuit_breaker_failures": Range(1, 1_000_000),
+        "quality": Range(1, 100),
+        "shard_size": Range(1, 1_000_000),
+        "fetch_threads": Range(1, 256),
+        "circuit_breaker_cooldown_s": Range(0, 86_400),
+        "limiter_actors": Range(1, 1024),
+        "workers": Range(1, 100_000),
+    }
+
     def check(self):
-        if self.image_size < 16:
-            yield "image_size", "must be at least 16"
-        if self.per_host_connections < 1:
-            yield "per_host_connections", "must be at least 1"
-        if self.per_host_requests_per_second <= 0:
-            yield "per_host_requests_per_second", "must be positive"
-        if self.timeout_s <= 0:
-            yield "timeout_s", "must be positive"
-        if not 1 <= self.quality <= 100:
-            yield "quality", "must be between 1 and 100"
-        if self.shard_size < 1:
-            yield "shard_size", "must be at least 1"
-        if self.fetch_threads < 1:
-            yield "fetch_threads", "must be at least 1"
-        if self.retries < 0:
-            yield "retries", "must be 0 or more"
-        if not 0 <= self.max_redirects <= 20:
-            yield "max_redirects", "must be between 0 and 20"
-        if self.max_bytes < 1:
-            yield "max_bytes", "must be at least 1"
-        if self.max_pixels < 1:
-            yield "max_pixels", "must be at least 1"
-        if self.circuit_breaker_failures < 1:
-            yield "circuit_breaker_failures", "must be at least 1"
-        if self.circuit_breaker_cooldown_s < 0:
-            yield "circuit_breaker_cooldown_s", "must be 0 or more"
-        if self.limiter_actors < 1:
-            yield "limiter_actors", "must be at least 1"
-        if self.workers is not None and self.workers < 1:
-            yield "workers", "must be at least 1 (or null)"
-        if self.backoff_base_s < 0 or self.backoff_max_s < self.backoff_base_s:
+        if self.backoff_max_s < self.backoff_base_s:
             yield "backoff_max_s", "backoff needs 0 <= backoff_base_s <= backoff_max_s"
         if self.min_width < 0:
             yield "min_width", "must be 0 or more"
@@ -158,23 +190,17 @@ class EmbedConfig:
     preprocess_concurrency: Optional[int] = None  # max decode/resize tasks at once; null: Ray decides
     rows_per_file: int = 50_000  # rows per output Parquet file
 
-    def check(self):
-        if self.image_size is not None and not 16 <= self.image_size <= 4096:
-            yield "image_size", "must be between 16 and 4096"
-        if self.torch_threads is not None and self.torch_threads < 1:
-            yield "torch_threads", "must be at least 1"
-        if self.cpus_per_actor < 0:
-            yield "cpus_per_actor", "must be 0 or more"
-        if self.preprocess_concurrency is not None and self.preprocess_concurrency < 1:
-            yield "preprocess_concurrency", "must be at least 1"
-        if self.rows_per_file < 1:
-            yield "rows_per_file", "must be at least 1"
-        if self.batch_size < 1:
-            yield "batch_size", "must be at least 1"
-        if self.num_actors < 1:
-            yield "num_actors", "must be at least 1"
-        if self.num_gpus < 0:
-            yield "num_gpus", "must be 0 or more"
+    RANGES = {
+        "batch_size": Range(1, 8192),
+        "num_actors": Range(1, 4096),
+        "num_gpus": Range(0, 64),
+        "seed": Range(0, SEED_MAX),
+        "image_size": Range(16, 4096),
+        "torch_threads": Range(1, 1024),
+        "cpus_per_actor": Range(0, 1024),
+        "preprocess_concurrency": Range(1, 100_000),
+        "rows_per_file": Range(1, 10_000_000),
+    }
 
 
 # The values mine.strategies and mine.term_fields accept; artsim/mine/ implements exactly these (tested). Kept
@@ -201,27 +227,25 @@ class MineConfig:
     # (annotated objects always join); bounds driver memory and text encoding
     max_objects: int = 200_000
 
+    RANGES = {
+        "num_triplets": Range(1, 100_000_000),
+        "strategies": Range(0, 1_000_000),  # each weight
+        "seed": Range(0, SEED_MAX),
+        "text_neighbors": Range(1, 1000),
+        "text_min_similarity": Range(-1, 1),
+        "hard_negative_k": Range(1, 10_000),
+        "max_objects": Range(3, 100_000_000),  # a triplet names three objects
+    }
+
     def check(self):
-        if self.num_triplets < 1:
-            yield "num_triplets", "must be at least 1"
-        for name, weight in self.strategies.items():
+        for name in self.strategies:
             if name not in STRATEGIES:
                 yield f"strategies.{name}", f"unknown strategy; expected one of {', '.join(STRATEGIES)}"
-            if weight < 0:
-                yield f"strategies.{name}", "weight must be 0 or more"
         if not any(w > 0 for w in self.strategies.values()):
             yield "strategies", "at least one strategy needs a weight above 0"
         for i, name in enumerate(self.term_fields):
             if name not in TERM_FIELDS:
                 yield f"term_fields.{i}", f"unknown field {name!r}; expected some of {', '.join(TERM_FIELDS)}"
-        if self.text_neighbors < 1:
-            yield "text_neighbors", "must be at least 1"
-        if not -1 <= self.text_min_similarity <= 1:
-            yield "text_min_similarity", "must be between -1 and 1"
-        if self.hard_negative_k < 1:
-            yield "hard_negative_k", "must be at least 1"
-        if self.max_objects < 3:
-            yield "max_objects", "must be at least 3 (a triplet names three objects)"
 
 
 @dataclass
@@ -254,35 +278,27 @@ class TrainConfig:
     # where backbone features share a large common component (random-init backbones)
     center_features: bool = True
 
+    RANGES = {
+        "num_workers": Range(1, 4096),
+        "epochs": Range(1, 100_000),
+        "batch_size": Range(2, 65_536),
+        "learning_rate": Range(0, 10, low_open=True),
+        "margin": Range(0, 2, low_open=True, high_open=True),  # cosine distance
+        "head_dim": Range(1, 65_536),
+        "validation_fraction": Range(0, 1, high_open=True),
+        "seed": Range(0, SEED_MAX),
+        "head_hidden_dims": Range(1, 65_536),  # each dimension
+        "backbone_learning_rate": Range(0, 10),
+        "cpus_per_worker": Range(1, 1024),
+        "recall_k": Range(1, 10_000),
+        "max_failures": Range(-1, 1000),  # -1: unlimited
+        "keep_checkpoints": Range(1, 1000),
+        "steps_per_epoch": Range(1, 1_000_000_000),
+    }
+
     def check(self):
-        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
-            yield "steps_per_epoch", "must be at least 1"
-        if self.num_workers < 1:
-            yield "num_workers", "must be at least 1"
-        if self.epochs < 1:
-            yield "epochs", "must be at least 1"
-        if self.batch_size < 2:
-            yield "batch_size", "must be at least 2"
-        if self.learning_rate <= 0:
-            yield "learning_rate", "must be positive"
-        if self.backbone_learning_rate is not None and self.backbone_learning_rate < 0:
-            yield "backbone_learning_rate", "must be 0 or more"
-        if self.head_dim < 1 or any(d < 1 for d in self.head_hidden_dims):
-            yield "head_dim", "dimensions must be at least 1"
-        if self.cpus_per_worker < 1:
-            yield "cpus_per_worker", "must be at least 1"
-        if self.recall_k < 1:
-            yield "recall_k", "must be at least 1"
-        if self.max_failures < -1:
-            yield "max_failures", "must be -1 (unlimited) or more"
-        if self.keep_checkpoints < 1:
-            yield "keep_checkpoints", "must be at least 1"
         if not self.name or "/" in self.name or self.name.startswith("."):
             yield "name", "must be a plain directory name"
-        if not 0 < self.margin < 2:
-            yield "margin", "must be in (0, 2) for cosine distance"
-        if not 0 <= self.validation_fraction < 1:
-            yield "validation_fraction", "must be in [0, 1)"
 
 
 @dataclass
@@ -302,17 +318,15 @@ class IndexConfig:
     tuning_queries: int = 1000  # held-out queries for recall@10 tuning
     seed: int = 0  # training sample and tuning queries
 
-    def check(self):
-        if self.num_shards < 1:
-            yield "num_shards", "must be at least 1"
-        if not 0 < self.target_recall <= 1:
-            yield "target_recall", "must be in (0, 1]"
-        if self.memory_budget_gb <= 0:
-            yield "memory_budget_gb", "must be positive"
-        if self.train_sample < 1000:
-            yield "train_sample", "must be at least 1000"
-        if self.tuning_queries < 10:
-            yield "tuning_queries", "must be at least 10"
+    RANGES = {
+        "num_shards": Range(1, 4096),
+        "memory_budget_gb": Range(0, 65_536, low_open=True),
+        "target_recall": Range(0, 1, low_open=True),
+        "exact_max_vectors": Range(0, 100_000_000_000),
+        "train_sample": Range(1000, 100_000_000),
+        "tuning_queries": Range(10, 1_000_000),
+        "seed": Range(0, SEED_MAX),
+    }
 
 
 @dataclass
@@ -323,13 +337,7 @@ class LinksConfig:
     batch_size: int = 1024  # queries per batched search
     num_tasks: Optional[int] = None  # parallel Ray tasks; null: one per available CPU (at most one per batch)
 
-    def check(self):
-        if self.k < 1:
-            yield "k", "must be at least 1"
-        if self.batch_size < 1:
-            yield "batch_size", "must be at least 1"
-        if self.num_tasks is not None and self.num_tasks < 1:
-            yield "num_tasks", "must be at least 1"
+    RANGES = {"k": Range(1, 10_000), "batch_size": Range(1, 65_536), "num_tasks": Range(1, 100_000)}
 
 
 @dataclass
@@ -343,11 +351,11 @@ class ReportConfig:
     # collection, of larger runs (the driver holds only their vectors); counts always describe the whole run
     max_works: int = 20_000
 
-    def check(self):
-        if self.latent_walks < 0:
-            yield "latent_walks", "must be 0 or more"
-        if self.max_works < 3:
-            yield "max_works", "must be 3 or more (the map and clusters need 3 works)"
+    RANGES = {
+        "example_queries": Range(0, 1000),
+        "latent_walks": Range(0, 1000),
+        "max_works": Range(3, 10_000_000),  # the map and clusters need 3 works
+    }
 
 
 @dataclass
@@ -367,6 +375,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     mine: MineConfig = field(default_factory=MineConfig)
@@ -388,7 +397,34 @@ class Config:
 
 
 def _describe(value: Any) -> str:
-    return repr(value) if isinstance(value, str) else f"{type(value).__name__} {value!r}"
+    return _short(value) if isinstance(value, str) else f"{type(value).__name__} {_short(value)}"
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    """repr() of a value for an error message, cut to ``limit`` characters (a 10,000-digit integer is one line)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_ranges(obj: Any, path: str) -> None:
+    """Every number of a section against the section's ``RANGES``; lists and mappings are checked per element."""
+    ranges = getattr(type(obj), "RANGES", {})
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, list):
+            items = [(f"{f.name}.{i}", v) for i, v in enumerate(value)]
+        elif isinstance(value, dict):
+            items = [(f"{f.name}.{k}", v) for k, v in value.items()]
+        else:
+            items = [(f.name, value)]
+        allowed = ranges.get(f.name)
+        for key, number in items:
+            if isinstance(number, bool) or not isinstance(number, (int, float)):
+                continue
+            if allowed is not None and not allowed.contains(number):  # NaN is in no range
+                raise ConfigError(_join(path, key), f"{allowed.describe()}, got {_short(number)}")
+            if isinstance(number, float) and not math.isfinite(number):
+                raise ConfigError(_join(path, key), f"must be a finite number, got {_short(number)}")
 
 
 def _convert(value: Any, tp: Any, path: str) -> Any:
@@ -428,7 +464,10 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(path, f"expected a number, got {_describe(value)}")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer too large for a float: kept, so that the range check names it
+            return value
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(path, f"expected a string, got {_describe(value)}")
@@ -454,6 +493,7 @@ def _build(cls: type, data: Any, path: str) -> Any:
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(_join(path, name), "required key is missing")
     obj = cls(**kwargs)
+    _check_ranges(obj, path)
     check = getattr(obj, "check", None)
     if check is not None:
         for key, message in check():
@@ -476,7 +516,7 @@ def apply_override(tree: dict, assignment: str) -> None:
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(key_path, f"cannot parse value {raw!r}: {exc}") from None
+        raise ConfigError(key_path, f"--set value {_short(raw)} is not valid YAML: {_yaml_problem(exc)}") from None
     node: Any = tree
     for depth, key in enumerate(keys[:-1]):
         here = ".".join(keys[: depth + 1])
@@ -505,6 +545,18 @@ def _list_index(node: list, key: str, path: str) -> int:
     return index
 
 
+MAX_CONFIG_BYTES = 10_000_000  # configs are typed by people; a larger file is a mistake (or an attack on the parser)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line from a YAML parser error: what is wrong and where (line and column, 1-based)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    context = getattr(exc, "context", None)
+    return f"{where}{problem}" + (f" ({context})" if context else "")
+
+
 def config_from_dict(tree: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     import copy
 
@@ -517,12 +569,28 @@ def config_from_dict(tree: dict, overrides: list[str] | tuple[str, ...] = ()) ->
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config file (local path) and apply ``--set`` overrides; raises ConfigError on any problem."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(str(path), "is a directory, not a config file")
     if not p.is_file():
-        raise ConfigError(str(path), "config file not found")
+        raise ConfigError(str(path), "config file not found" if not p.exists() else "not a regular file")
     try:
-        tree = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot read the config file: {exc.strerror or exc}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(str(path), f"{len(data)} bytes; a config file is at most {MAX_CONFIG_BYTES}")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(str(path), f"not UTF-8 text: byte 0x{data[exc.start]:02x} at line {line} "
+                                     f"(byte offset {exc.start})") from None
+    try:
+        tree = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(str(path), f"not valid YAML: {exc}") from None
+        raise ConfigError(str(path), f"not valid YAML: {_yaml_problem(exc)}") from None
+    except RecursionError:  # [[[[...]]]] nested deeper than the parser's stack
+        raise ConfigError(str(path), "not valid YAML: nested too deeply") from None
     if tree is not None and not isinstance(tree, dict):
         raise ConfigError(str(path), "the top level must be a mapping")
     tree = tree or {}

@@ -88,5 +88,31 @@ def config_reference_markdown() -> str:
     return "\n".join(out).strip() + "\n"
 
 
+def _interval(allowed) -> str:
+    def number(x):
+        return f"{x:,}".replace(",", "_") if float(x).is_integer() and abs(x) >= 10_000 else f"{x:g}"
+
+    return (("(" if allowed.low_open else "[") + number(allowed.low) + ", " + number(allowed.high)
+            + (")" if allowed.high_open else "]"))
+
+
+def config_ranges_markdown() -> str:
+    """One line per section: the allowed range of every number (``RANGES`` in artsim/config.py)."""
+    out = []
+    seen = set()
+    for key, cls, f in config_keys():
+        if cls in seen:
+            continue
+        seen.add(cls)
+        section = key.rsplit(".", 1)[0]
+        ranges = getattr(cls, "RANGES", {})
+        if ranges:
+            parts = [f"`{name}` {_interval(allowed)}" for name, allowed in ranges.items()]
+            out.append(f"- `{section}`: " + ", ".join(parts))
+    return "\n".join(out) + "\n"
+
+
 if __name__ == "__main__":
-    print(config_reference_markdown(), end="")
+    print(config_reference_markdown())
+    print("Allowed ranges (checked when the config is read; floats must also be finite):\n")
+    print(config_ranges_markdown(), end="")

@@ -5,7 +5,6 @@ resize, shards) runs; the config's image_url_template points the records at it.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import http.server
 import threading
@@ -41,7 +40,9 @@ def serve_directory(directory: Path) -> Iterator[str]:
 
 
 def demo_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="artsim demo", description=__doc__)
+    from artsim.command import OneLineParser
+
+    p = OneLineParser(prog="artsim demo", description=__doc__)
     p.add_argument("-c", "--config", default=str(DEMO_CONFIG))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     args = p.parse_args(argv)
@@ -56,6 +57,7 @@ def demo_main(argv: list[str]) -> int:
         base = load_config(args.config, args.overrides)
         served = [f"sources.{i}.image_url_template={base_url}/met_{{local_id}}.jpg" for i in range(len(base.sources))]
         ctx = RunContext(load_config(args.config, served + args.overrides))
+        ctx.check_run_root()
         result = run_pipeline(ctx)
     print_demo_summary(ctx, result, time.perf_counter() - start)
     return 0

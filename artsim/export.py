@@ -208,7 +208,7 @@ def _json(obj: dict) -> bytes:
 
 def export_main(argv: list[str]) -> int:
     """`artsim export -c CONFIG --format webdataset|img2dataset --out URI`."""
-    from artsim.cli import _guard
+    from artsim.command import run_command
 
     p = argparse.ArgumentParser(
         prog="artsim export",
@@ -232,4 +232,4 @@ def export_main(argv: list[str]) -> int:
         run_export(ctx, args.format, args.out, args.samples_per_shard)
         return 0
 
-    return _guard(run)
+    return run_command(run)

@@ -23,6 +23,25 @@ class RunContext:
         self.storage = Storage(self.config.storage)
         self.paths = RunPaths(self.config.run.root)
 
+    def check_run_root(self) -> None:
+        """Create a local run directory now, so that a bad ``run.root`` is one line naming the key, not a traceback
+        from the first write deep inside a stage. (An S3 prefix needs no directory; its errors come from S3.)"""
+        from artsim.errors import ConfigError
+        from artsim.storage import is_s3, strip_scheme
+
+        root = self.config.run.root
+        if is_s3(root):
+            return
+        path = os.path.abspath(strip_scheme(root))
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ConfigError("run.root", f"{path} exists and is not a directory")
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError("run.root", f"cannot create directory {path}: {exc.strerror or exc}") from None
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError("run.root", f"directory {path} is not writable")
+
     def save_config(self) -> None:
         """Record the effective config (after --set overrides) in the run directory."""
         self.storage.write_text(self.paths.config, self.config.to_yaml())

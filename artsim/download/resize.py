@@ -39,7 +39,8 @@ class Processed:
 
 def process_image(data: bytes, size: int, max_pixels: int, fmt: str = "jpeg", quality: int = 90,
                   min_width: int = 0, min_height: int = 0, max_aspect_ratio: Optional[float] = None) -> Processed:
-    """Decode ``data``, resize so the longest side is ``size`` (aspect kept) and encode as ``fmt``.
+    """Decode ``data``, reduce so the longest side is at most ``size`` (aspect kept; never enlarged), encode as
+    ``fmt``.
 
     ``min_width`` / ``min_height`` (upright, after EXIF rotation) and ``max_aspect_ratio`` (long side / short
     side) are checked on the header's dimensions, before any pixel is decoded: a refused image costs no decode.
@@ -73,7 +74,9 @@ def process_image(data: bytes, size: int, max_pixels: int, fmt: str = "jpeg", qu
             raise ImageRejected("too_large", f"decompression bomb: {exc}") from None
         except Exception as exc:
             raise ImageRejected("decode_error", f"cannot decode {kind}: {exc}") from None
-    scale = size / max(img.size)
+    # Never enlarged: an upscaled image holds no more information, only more bytes and memory (a huge image_size
+    # on small originals multiplied both by the thread count). Smaller originals keep their size.
+    scale = min(1.0, size / max(img.size))
     new_size = (max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale)))
     if new_size != img.size:
         # Bilinear, antialiased when reducing (Pillow widens the triangle filter by the scale factor): measured

@@ -32,7 +32,8 @@ from artsim.ingest.licenses import license_allowed, normalize_license
 from artsim.ingest.met_api import parse_met_api
 from artsim.ingest.met_csv import REQUIRED_COLUMNS as MET_CSV_REQUIRED, parse_met_csv
 from artsim.ingest.readers import (
-    CsvSource, json_line_rows, parquet_columns, parquet_rows, read_json_document, sniff_format, source_files,
+    CsvSource, ReadLimits, SourceBudget, json_line_rows, parquet_columns, parquet_rows, read_json_document,
+    sniff_format, source_files,
 )
 from artsim.ingest.smk import parse_smk
 from artsim.ingest.table import parse_table, resolve_mapping
@@ -85,28 +86,32 @@ class SourceStats:
 # Reading one source
 
 
-def read_source(storage: Storage, source: SourceConfig, key: str) -> Iterator[tuple[str, dict | BadRow]]:
+def read_source(storage: Storage, source: SourceConfig, key: str, limits: ReadLimits | None = None
+                ) -> Iterator[tuple[str, dict | BadRow]]:
     """(file URI, record | BadRow) for every item of a source, with the source's options applied.
 
-    ``key`` is the source's config path (``sources.N``), used in error messages.
+    ``key`` is the source's config path (``sources.N``), used in error messages; ``limits`` bound the reading
+    (``ingest`` config section; default: its defaults).
     """
     check_template(source, key)
+    budget = SourceBudget(limits, f"{key}.path")
     for uri in source_files(storage, source.path, f"{key}.path"):
         source_dir = posixpath.dirname(uri) if uri.startswith("s3://") else posixpath.dirname(_local_path(uri))
-        for item in _parse_file(storage, source, key, uri):
+        for item in _parse_file(storage, source, key, uri, budget):
             if isinstance(item, dict):
                 _apply_options(item, source, source_dir)
             yield uri, item
 
 
-def _parse_file(storage: Storage, source: SourceConfig, key: str, uri: str) -> Iterator[dict | BadRow]:
+def _parse_file(storage: Storage, source: SourceConfig, key: str, uri: str, budget: SourceBudget
+                ) -> Iterator[dict | BadRow]:
     if source.kind in JSON_PARSERS:
-        data, bad_lines = read_json_document(storage, uri)
+        data, bad_lines = read_json_document(storage, uri, budget)
         yield from bad_lines
         yield from JSON_PARSERS[source.kind](data, source.collection)
         return
     if source.kind == "met_csv":
-        csv_source = CsvSource(storage, uri)
+        csv_source = CsvSource(storage, uri, budget)
         with csv_source.open() as rows:
             missing = [c for c in MET_CSV_REQUIRED if c not in csv_source.header]
             if missing:
@@ -115,24 +120,25 @@ def _parse_file(storage: Storage, source: SourceConfig, key: str, uri: str) -> I
             yield from parse_met_csv(rows, source.collection)
         return
     if source.kind == "table":
-        yield from _parse_table_file(storage, source, key, uri)
+        yield from _parse_table_file(storage, source, key, uri, budget)
         return
     raise ConfigError(f"{key}.kind", f"unsupported source kind {source.kind!r}")  # config validation prevents this
 
 
-def _parse_table_file(storage: Storage, source: SourceConfig, key: str, uri: str) -> Iterator[dict | BadRow]:
-    fmt = sniff_format(storage, uri)
+def _parse_table_file(storage: Storage, source: SourceConfig, key: str, uri: str, budget: SourceBudget
+                      ) -> Iterator[dict | BadRow]:
+    fmt = sniff_format(storage, uri, budget)
     if fmt == "csv":
-        csv_source = CsvSource(storage, uri)
+        csv_source = CsvSource(storage, uri, budget)
         with csv_source.open() as rows:
             mapping = resolve_mapping(source.mapping, csv_source.header, key, uri)
             yield from parse_table(rows, source.collection, mapping)
     elif fmt == "parquet":
-        mapping = resolve_mapping(source.mapping, parquet_columns(storage, uri), key, uri)
+        mapping = resolve_mapping(source.mapping, parquet_columns(storage, uri, budget), key, uri)
         columns = sorted(set(mapping.values()))
-        yield from parse_table(parquet_rows(storage, uri, columns), source.collection, mapping)
+        yield from parse_table(parquet_rows(storage, uri, columns, budget=budget), source.collection, mapping)
     else:  # JSON lines, or a JSON array of row objects
-        rows = json_line_rows(storage, uri)
+        rows = json_line_rows(storage, uri, budget)
         head: list = []
         for item in rows:  # the columns of JSON rows are the keys seen in the first rows
             head.append(item)
@@ -199,8 +205,8 @@ def _apply_options(record: dict, source: SourceConfig, source_dir: str) -> None:
 # All sources -> one table
 
 
-def ingest_sources(storage: Storage, sources: list[SourceConfig], progress_interval: float = 5.0
-                   ) -> tuple[pa.Table, list[SourceStats], SourceStats, Counter]:
+def ingest_sources(storage: Storage, sources: list[SourceConfig], progress_interval: float = 5.0,
+                   limits: ReadLimits | None = None) -> tuple[pa.Table, list[SourceStats], SourceStats, Counter]:
     """Read every source; return (records table, per-source stats, total stats, licence counts)."""
     seen: set[str] = set()
     batches: list[pa.Table] = []
@@ -214,7 +220,7 @@ def ingest_sources(storage: Storage, sources: list[SourceConfig], progress_inter
         start = time.perf_counter()
         progress = Progress(f"ingest {key} ({source.kind})", unit="rows", interval=progress_interval)
         files = set()
-        for uri, item in read_source(storage, source, key):
+        for uri, item in read_source(storage, source, key, limits):
             files.add(uri)
             stats.rows_read += 1
             progress.update()
@@ -254,7 +260,8 @@ def run_ingest(ctx) -> dict:
     if not sources:
         raise ConfigError("sources", "no sources configured (add at least one entry)")
     start = time.perf_counter()
-    records, per_source, total, licenses = ingest_sources(ctx.storage, sources)
+    records, per_source, total, licenses = ingest_sources(ctx.storage, sources,
+                                                          limits=ReadLimits.from_config(ctx.config.ingest))
     seconds = time.perf_counter() - start
     uri = ctx.paths.records
     report = {

@@ -10,7 +10,9 @@ log = logging.getLogger("artsim.serve")
 
 
 def serve_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="artsim serve", description="Serve artsim indexes over HTTP (docs/serve.md).")
+    from artsim.command import OneLineParser
+
+    p = OneLineParser(prog="artsim serve", description="Serve artsim indexes over HTTP (docs/serve.md).")
     p.add_argument("--index", dest="indexes", action="append", required=True, metavar="URI",
                    help="URI of index/<name>/ (local, file:// or s3://); repeatable; served at /v1/<name>/")
     p.add_argument("--host", default="127.0.0.1")
@@ -32,10 +34,10 @@ def serve_parser() -> argparse.ArgumentParser:
 
 
 def serve_main(argv: list[str]) -> int:
-    from artsim.cli import _guard
+    from artsim.command import run_command
 
     args = serve_parser().parse_args(argv)
-    return _guard(lambda: _serve(args))
+    return run_command(lambda: _serve(args))
 
 
 def _serve(args) -> int:
