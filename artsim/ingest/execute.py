@@ -110,7 +110,7 @@ def parse_piece(storage: Storage, sources, piece: Piece, work_uri: str, buckets:
                 records_out.write(records_table(pending))
                 pending = []
         if segment.mode == "api" and isinstance(api_context, dict):
-            harvest = api_context.get("stats", {}).get(segment.start, {})
+            harvest = api_context.get("stats", {}).get((piece.source, segment.start), {})
             stats["pages"] += harvest.get("pages", 0)
             if harvest.get("total_results") is not None:
                 stats["total_results"] = harvest["total_results"]
