@@ -23,7 +23,7 @@ import yaml
 
 from artsim.errors import ConfigError
 
-SOURCE_KINDS = ("table", "met_api_json", "met_csv", "smk_json", "europeana_json", "iiif_manifest")
+SOURCE_KINDS = ("table", "met_api_json", "met_csv", "smk_json", "europeana_json", "iiif_manifest", "europeana_api")
 STAGES = ("ingest", "download", "embed", "mine", "train", "index", "links", "report")
 SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
 
@@ -68,20 +68,50 @@ class RayConfig:
 
 @dataclass
 class SourceConfig:
-    # the parser: table, met_api_json, met_csv, smk_json, europeana_json or iiif_manifest
-    kind: Literal["table", "met_api_json", "met_csv", "smk_json", "europeana_json", "iiif_manifest"]
-    path: str  # URI of the source file, or of a directory / glob of such files
+    # the parser: table, met_api_json, met_csv, smk_json, europeana_json, iiif_manifest, or europeana_api (a harvest)
+    kind: Literal["table", "met_api_json", "met_csv", "smk_json", "europeana_json", "iiif_manifest", "europeana_api"]
+    # URI of the source file, or of a directory / glob of such files; europeana_api: the Search API URL
+    # (https://api.europeana.eu/record/v2/search.json)
+    path: str
     collection: str  # prefix of object_id
     mapping: dict[str, str] = field(default_factory=dict)  # kind=table: canonical field <- source column
     # Rewrites image_url from the record's canonical fields, e.g. "http://mirror/{local_id}.jpg" (mirrors, demo).
     image_url_template: Optional[str] = None
     license: Optional[str] = None  # licence to assume where the source gives none
+    # europeana_api: Search API parameters (query, reusability, media, profile, ...); reusability defaults to open
+    query: dict[str, str] = field(default_factory=dict)
+    filters: list[str] = field(default_factory=list)  # europeana_api: qf values, all applied (TYPE:IMAGE, ...)
+    # europeana_api: one more qf per partition, each harvested by its own cursor in parallel (e.g. one per
+    # DATA_PROVIDER or TYPE); empty: one cursor over the whole result set
+    partitions: list[str] = field(default_factory=list)
+    api_key_env: str = "EUROPEANA_API_KEY"  # europeana_api: the environment variable that holds the API key
+    page_size: int = 100  # europeana_api: rows per page (the API allows up to 100)
+    max_records: Optional[int] = None  # europeana_api: stop each partition after this many items (trial runs)
+    retries: int = 8  # europeana_api: attempts per page on 429, 5xx and connection errors
+    backoff_base_s: float = 1.0  # europeana_api: exponential backoff with jitter: base
+    backoff_max_s: float = 120.0  # europeana_api: backoff cap (a longer Retry-After is waited up to this)
+    timeout_s: float = 60.0  # europeana_api: per request
 
     def check(self):
         if not self.collection or ":" in self.collection:
             yield "collection", "must be a non-empty name without ':'"
         if self.mapping and self.kind != "table":
             yield "mapping", "only kind=table takes a mapping"
+        if self.kind == "europeana_api":
+            if not self.path.startswith(("http://", "https://")):
+                yield "path", "europeana_api: the Search API URL (https://api.europeana.eu/record/v2/search.json)"
+            if not self.api_key_env:
+                yield "api_key_env", "name the environment variable that holds the Europeana API key"
+            if not 1 <= self.page_size <= 100:
+                yield "page_size", "must be between 1 and 100 (the Search API's limit)"
+            if self.retries < 1:
+                yield "retries", "must be at least 1"
+            if self.max_records is not None and self.max_records < 1:
+                yield "max_records", "must be at least 1"
+            if not (0 < self.timeout_s <= 3600 and 0 <= self.backoff_base_s <= self.backoff_max_s <= 3600):
+                yield "timeout_s", "timeout_s in (0, 3600], 0 <= backoff_base_s <= backoff_max_s <= 3600"
+        elif self.query or self.filters or self.partitions:
+            yield "query", "query, filters and partitions are for kind=europeana_api"
 
 
 @dataclass

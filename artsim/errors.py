@@ -11,7 +11,11 @@ class ConfigError(ArtsimError):
 
     def __init__(self, path: str, message: str):
         self.path = path
+        self.message = message
         super().__init__(f"{path}: {message}" if path else message)
+
+    def __reduce__(self):  # picklable, so that a Ray task's ConfigError reaches the driver as itself
+        return (type(self), (self.path, self.message))
 
 
 class IntegrityError(ArtsimError):

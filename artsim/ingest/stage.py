@@ -16,7 +16,7 @@ import string
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Optional
 from urllib.parse import quote
 
 import pyarrow as pa
@@ -101,6 +101,17 @@ def read_source(storage: Storage, source: SourceConfig, key: str, limits: ReadLi
             if isinstance(item, dict):
                 _apply_options(item, source, source_dir)
             yield uri, item
+
+
+def read_file(storage: Storage, source: SourceConfig, key: str, uri: str,
+              budget: Optional[SourceBudget] = None) -> Iterator[dict | BadRow]:
+    """Every item of one whole file of a source, with the source's options applied, read within ``budget``'s
+    limits (an ingest piece reads its ``whole`` files through this)."""
+    source_dir = posixpath.dirname(uri) if uri.startswith("s3://") else posixpath.dirname(_local_path(uri))
+    for item in _parse_file(storage, source, key, uri, budget or SourceBudget(key=f"{key}.path")):
+        if isinstance(item, dict):
+            _apply_options(item, source, source_dir)
+        yield item
 
 
 def _parse_file(storage: Storage, source: SourceConfig, key: str, uri: str, budget: SourceBudget
@@ -254,30 +265,102 @@ def ingest_sources(storage: Storage, sources: list[SourceConfig], progress_inter
     return pa.concat_tables(batches), per_source, total, licenses
 
 
-def run_ingest(ctx) -> dict:
-    """Stage entry point: read ``ctx.config.sources`` and write ``records/`` plus ``records/_report.json``."""
+def list_source_files(storage: Storage, source: SourceConfig, key: str) -> list:
+    """The files of a file-based source with their sizes (one listing per directory, no content read except
+    4 KB to sniff the format of a large file whose name does not say it)."""
+    from artsim.ingest.plan import PIECE_BYTES, SourceFile, format_of_name
+
+    uris = source_files(storage, source.path, f"{key}.path")
+    sizes: dict[str, int] = {}
+    by_dir: dict[str, list[str]] = {}
+    for uri in uris:
+        by_dir.setdefault(posixpath.dirname(uri), []).append(uri)
+    for directory, members in by_dir.items():
+        fs, _ = storage.fs(members[0])
+        if len(members) == 1:
+            sizes[members[0]] = int(fs.size(storage.fs(members[0])[1]) or 0)
+            continue
+        listed = {posixpath.basename(e["name"].rstrip("/")): int(e.get("size") or 0)
+                  for e in fs.ls(storage.fs(directory)[1], detail=True)}
+        for uri in members:
+            sizes[uri] = listed.get(posixpath.basename(uri), 0)
+    files = []
+    for uri in uris:
+        fmt, gz = format_of_name(uri)
+        if fmt == "other" and source.kind == "table" and sizes[uri] > PIECE_BYTES:
+            fmt = sniff_format(storage, uri)
+        files.append(SourceFile(uri, sizes[uri], fmt, gz))
+    return files
+
+
+def run_ingest(ctx, piece_bytes: int | None = None, json_memory_bytes: int | None = None,
+               buckets: int | None = None, rows_per_file: int | None = None) -> dict:
+    """Stage entry point: read ``ctx.config.sources`` and write ``records/`` plus ``records/_report.json``.
+
+    The driver lists the sources and plans pieces (artsim/ingest/plan.py); Ray tasks parse them, find duplicate ids
+    and write the part files (artsim/ingest/execute.py); the driver holds only per-piece counts. The keyword
+    options override the planning sizes (tests and benchmarks use small ones to exercise the splitting).
+    """
+    from artsim.ingest import execute
+    from artsim.ingest.plan import JSON_MEMORY_BYTES, PIECE_BYTES, ROWS_PER_FILE, plan_ingest
+    from artsim.runtime import ensure_ray
+
     sources = ctx.config.sources
     if not sources:
         raise ConfigError("sources", "no sources configured (add at least one entry)")
     start = time.perf_counter()
-    records, per_source, total, licenses = ingest_sources(ctx.storage, sources,
-                                                          limits=ReadLimits.from_config(ctx.config.ingest))
-    seconds = time.perf_counter() - start
+    listing = {}
+    api_partitions: dict[int, int] = {}
+    api_context: dict = {"run_root": ctx.paths.root, "sources": {}, "stats": {}}
+    for i, source in enumerate(sources):
+        key = f"sources.{i}"
+        check_template(source, key)
+        if source.kind == "europeana_api":
+            from artsim.ingest.europeana_api import prepare_harvest
+
+            api_context["sources"][i] = prepare_harvest(ctx.storage, source, key, ctx.paths.root)
+            api_partitions[i] = len(api_context["sources"][i]["partitions"])
+        else:
+            listing[i] = list_source_files(ctx.storage, source, key)
+    rows_per_file = rows_per_file or ROWS_PER_FILE
+    plan = plan_ingest(sources, listing, piece_bytes=piece_bytes or PIECE_BYTES,
+                       json_memory_bytes=json_memory_bytes or JSON_MEMORY_BYTES, buckets=buckets,
+                       api_partitions=api_partitions)
+    del listing
+    say(f"ingest: {len(sources)} source(s), {sum(plan.files_per_source)} file(s), {plan.total_bytes / 1e6:.1f} MB "
+        f"-> {len(plan.pieces)} piece(s), {plan.buckets} duplicate bucket(s)")
+    ensure_ray(ctx.config)
     uri = ctx.paths.records
-    report = {
-        "records_uri": uri,
-        "seconds": round(seconds, 3),
-        "rows_per_second": round(total.rows_read / seconds, 1) if seconds > 0 else None,
-        "sources": [asdict(s) for s in per_source],
-        "total": {k: v for k, v in asdict(total).items() if k not in ("kind", "path", "collection", "source")},
-        "licenses": dict(licenses.most_common()),
-        "collections": dict(Counter(records.column("collection").to_pylist()).most_common()),
-    }
     # Data files and the report appear together: the directory counts as complete only with its _SUCCESS marker.
     with ctx.storage.atomic_dir(uri) as staging:
-        for n, offset in enumerate(range(0, max(records.num_rows, 1), ROWS_PER_FILE)):
-            ctx.storage.write_parquet_file(records.slice(offset, ROWS_PER_FILE), join(staging, f"part-{n:05d}.parquet"))
+        work = join(staging, "_work")
+        try:
+            outcome = execute.run(plan, sources, ctx.config.storage, work, staging, rows_per_file, api_context,
+                                  limits=ReadLimits.from_config(ctx.config.ingest))
+        finally:
+            ctx.storage.delete(work)
+        per_source, total, licenses, collections = _summarize(sources, plan, outcome)
+        seconds = time.perf_counter() - start
+        report = {
+            "records_uri": uri,
+            "seconds": round(seconds, 3),
+            "rows_per_second": round(total.rows_read / seconds, 1) if seconds > 0 else None,
+            "pieces": len(plan.pieces),
+            **outcome.seconds,
+            "sources": [asdict(s) for s in per_source],
+            "total": {k: v for k, v in asdict(total).items() if k not in ("kind", "path", "collection", "source")},
+            "licenses": dict(licenses.most_common()),
+            "collections": dict(collections.most_common()),
+        }
+        for i, entry in enumerate(report["sources"]):
+            harvest = [s for s in outcome.piece_stats if s["source"] == i and sources[i].kind == "europeana_api"]
+            if harvest:
+                entry["pages"] = sum(s["pages"] for s in harvest)
+                entry["total_results"] = [s["total_results"] for s in harvest]
         ctx.storage.write_json(join(staging, "_report.json"), report)
+    for s in per_source:
+        if s.records_written == 0:
+            say(f"warning: {s.source} ({s.path}) produced no records")
     print_table(["source", "kind", "collection", "rows read", "records", "duplicates", "no image url", "unparsable"],
           [(s.source, s.kind, s.collection, s.rows_read, s.records_written, s.duplicate_ids, s.missing_image_url,
             s.unparsable_rows) for s in per_source]
@@ -295,8 +378,37 @@ def run_ingest(ctx) -> dict:
         "missing_image_url": total.missing_image_url,
         "unparsable_rows": total.unparsable_rows,
         "sources": len(sources),
+        "pieces": len(plan.pieces),
         "seconds": round(seconds, 3),
         "rows_per_second": report["rows_per_second"],
         "records_uri": uri,
         "report_uri": ctx.paths.ingest_report,
     }
+
+
+def _summarize(sources, plan, outcome) -> tuple[list[SourceStats], SourceStats, Counter, Counter]:
+    """Per-source and total counts from the per-piece and per-group results (exact: every row is in one piece)."""
+    per_source = [SourceStats(source=f"sources.{i}", kind=s.kind, path=s.path, collection=s.collection,
+                              files=plan.files_per_source[i]) for i, s in enumerate(sources)]
+    for piece, stats, dropped in zip(plan.pieces, outcome.piece_stats, outcome.drops):
+        s = per_source[piece.source]
+        s.rows_read += stats["rows_read"]
+        s.unparsable_rows += stats["unparsable_rows"]
+        s.duplicate_ids += dropped
+        s.seconds += stats["seconds"]
+        s.unparsable_examples = (s.unparsable_examples + stats["unparsable_examples"])[:MAX_EXAMPLES]
+    licenses: Counter = Counter()
+    collections: Counter = Counter()
+    for group in outcome.groups:  # in part order = piece order
+        for i, counts in sorted(group["per_source"].items()):
+            s = per_source[int(i)]
+            s.records_written += counts["written"]
+            s.missing_image_url += counts["missing_image_url"]
+            s.duplicate_examples = (s.duplicate_examples + counts["duplicate_examples"])[:MAX_EXAMPLES]
+            licenses.update(counts["licenses"])
+            collections.update(counts["collections"])
+    total = SourceStats(source="total")
+    for s in per_source:
+        s.seconds = round(s.seconds, 3)
+        total.add(s)
+    return per_source, total, licenses, collections
