@@ -141,7 +141,9 @@ class DownloadConfig:
     allow_private_addresses: bool = False
     allow_hosts: list[str] = field(default_factory=list)  # hosts/IPs exempt from the private-address block
     per_host_connections: int = 4  # concurrent connections per host, across the whole job
-    per_host_requests_per_second: float = 10.0  # across the whole job
+    # request starts per host per second, across the whole job; null: no rate cap (the connection cap still
+    # holds), which lets kept-alive connections start requests without asking the limiter each time
+    per_host_requests_per_second: Optional[float] = 10.0
     timeout_s: float = 20.0  # per request (connect + read)
     max_bytes: int = 50_000_000  # per response body
     max_pixels: int = 100_000_000  # decoded pixels (decompression bombs)
@@ -161,6 +163,8 @@ class DownloadConfig:
     shard_size: int = 1000  # records per output shard
     fetch_threads: int = 32  # concurrent fetches inside one task
     iiif_rendition: bool = True  # fetch a server-side resized IIIF rendition when a service is known
+    # reuse connections (HTTP/1.1 keep-alive) to the same checked address; false: one request per connection
+    keep_alive: bool = True
     circuit_breaker_cooldown_s: float = 300.0  # a paused host gets one trial request after this
     limiter_actors: int = 1  # job-wide host limiter actors (hosts hashed over them); ~1 per 20 nodes
     workers: Optional[int] = None  # shard workers (Ray actors, 1 CPU each); null: every CPU of the cluster

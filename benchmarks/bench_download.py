@@ -54,8 +54,9 @@ def make_originals(out_dir: Path, count: int, size: int) -> list[Path]:
     return paths
 
 
-def start_server(work: Path, originals: list[Path], n: int, latency: float):
-    spec = {"latency_s": latency, "files": {f"/img/{i:05d}.jpg": str(originals[i % len(originals)])
+def start_server(work: Path, originals: list[Path], n: int, latency: float, keep_alive: bool = True):
+    # HTTP/1.1 with keep-alive, like most image hosts and CDNs (img2dataset closes every connection regardless).
+    spec = {"latency_s": latency, "keep_alive": keep_alive, "files": {f"/img/{i:05d}.jpg": str(originals[i % len(originals)])
                                              for i in range(n)}}
     spec_path, port_file = work / "server_spec.json", work / "server.port"
     spec_path.write_text(json.dumps(spec))
@@ -179,7 +180,8 @@ def run_artsim(work: Path, urls: list[str], args, server_pid: int, connections: 
     tree = {"run": {"root": str(root)}, "ray": {"num_cpus": os.cpu_count()},
             "download": {"allow_hosts": ["127.0.0.1"],
                          "per_host_connections": connections or args.per_host_connections,
-                         "per_host_requests_per_second": rps or args.per_host_rps, "shard_size": args.shard_size,
+                         "per_host_requests_per_second": rps or args.per_host_rps or None,
+                         "shard_size": args.shard_size,
                          "fetch_threads": args.fetch_threads, "image_size": 384, "quality": 90, "retries": 0,
                          "workers": args.workers or os.cpu_count()}}
     ctx = RunContext(config_from_dict(tree))
@@ -211,7 +213,9 @@ def main() -> int:
     p.add_argument("--originals", type=int, default=40)
     p.add_argument("--work", default=str(REPO / "benchmarks" / "out" / "download"))
     p.add_argument("--per-host-connections", type=int, default=64)
-    p.add_argument("--per-host-rps", type=float, default=5000.0)
+    p.add_argument("--per-host-rps", type=float, default=0.0,
+                   help="artsim's per-host requests/s cap in the main run; 0: none (the connection cap holds)")
+    p.add_argument("--no-keep-alive", action="store_true", help="the server closes every connection (HTTP/1.0)")
     p.add_argument("--shard-size", type=int, default=250)
     p.add_argument("--fetch-threads", type=int, default=32)
     p.add_argument("--workers", type=int, default=None)
@@ -224,7 +228,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     originals = make_originals(work / "originals", args.originals, args.size)
     mean_kb = sum(p.stat().st_size for p in originals) / len(originals) / 1024
-    server, port = start_server(work, originals, args.n, args.latency)
+    server, port = start_server(work, originals, args.n, args.latency, keep_alive=not args.no_keep_alive)
     urls = [f"http://127.0.0.1:{port}/img/{i:05d}.jpg" for i in range(args.n)]
     results = {"n": args.n, "latency_s": args.latency, "original_px": args.size, "original_mean_kb": mean_kb,
                "cpus": os.cpu_count(), "load_average_before": os.getloadavg()}

@@ -89,7 +89,10 @@ def live_client_connections(server_port: int) -> int:
 
 class _CountingHTTPServer(http.server.ThreadingHTTPServer):
     def process_request(self, request, client_address):
-        self.owner._sample_connections()  # type: ignore[attr-defined]
+        owner = self.owner  # type: ignore[attr-defined]
+        with owner._lock:
+            owner.connections_accepted += 1
+        owner._sample_connections()
         super().process_request(request, client_address)
 
 
@@ -107,6 +110,7 @@ class MisbehavingServer:
         self.count_connections = count_connections
         self.max_live_connections = 0
         self.live_samples = 0
+        self.connections_accepted = 0  # TCP connections the server accepted (keep-alive: fewer than requests)
         self._lock = threading.Lock()
         self._httpd = _CountingHTTPServer((host, 0), _KeepAliveHandler if keep_alive else _Handler)
         self._httpd.daemon_threads = True
@@ -167,7 +171,8 @@ class MisbehavingServer:
     def stats(self) -> dict:
         with self._lock:
             return {"max_concurrent": self.max_concurrent, "hits": dict(self.hits),
-                    "max_live_connections": self.max_live_connections}
+                    "max_live_connections": self.max_live_connections,
+                    "connections_accepted": self.connections_accepted}
 
 
 # -- which process made a request (Linux /proc): for tests that prove work ran in several processes -----------

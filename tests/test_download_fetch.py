@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import io
 import random
+import socket
 import struct
 import sys
 import threading
@@ -27,7 +28,7 @@ from artsim.download.politeness import (  # noqa: E402
     HostBook, LocalHostLimiter, backoff_delay, parse_retry_after, x_robots_opt_out,
 )
 from artsim.download.resize import ImageRejected, process_image, sniff_format  # noqa: E402
-from artsim.download.safety import URLPolicy, UnsafeURL, blocked_reason  # noqa: E402
+from artsim.download.safety import CachingResolver, URLPolicy, UnsafeURL, blocked_reason  # noqa: E402
 from artsim.download.shards import ShardTask, plan_shards, process_shard, read_committed  # noqa: E402
 from artsim.rundir.schema import STATUSES, empty_record, records_table  # noqa: E402
 from artsim.storage import Storage  # noqa: E402
@@ -580,3 +581,95 @@ def test_a_shard_task_run_again_after_its_commit_fetches_nothing(tmp_path):
         assert again["already_committed"] and again["records"] == first["records"] == 6
         assert again["status"] == first["status"] == {"ok": 5, "not_found": 1}
         assert read_committed(storage, images).num_rows == 6  # still every record once
+
+
+# -- keep-alive connections, DNS cache (issue 14 item 4) ---------------------------------------------------------
+def _fetch_all(fetcher, urls, threads):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(lambda u: fetcher.fetch_url(u.rsplit("/", 1)[1], u), urls))
+
+
+@pytest.mark.parametrize("rps", [None, 1000.0])
+def test_keep_alive_reuses_connections_under_the_cap(rps):
+    """An HTTP/1.1 server: 40 images over 3 connection slots with 8 threads. Counted at the server: far fewer TCP
+    connections than requests, never more than 3 live client sockets (idle kept-alive ones count), every image ok;
+    every slot is returned once the idle connections are closed."""
+    body = jpeg()
+    with MisbehavingServer(latency_s=0.01, count_connections=True, keep_alive=True) as srv:
+        urls = [srv.add(f"/img/{i}.jpg", httpd.ok(body)) for i in range(40)]
+        fetcher, limiter = make_fetcher(per_host_connections=3, per_host_requests_per_second=rps,
+                                        respect_robots_txt=False, timeout_s=10.0)
+        results = _fetch_all(fetcher, urls, 8)
+        fetcher.release_connections()
+        stats = srv.stats()
+    assert [r.status for r in results] == ["ok"] * 40
+    assert stats["max_live_connections"] <= 3 and srv.live_samples >= 40
+    assert stats["connections_accepted"] <= 10, stats  # 40 requests; one per connection before keep-alive
+    assert fetcher.pool.reused >= 30
+    assert limiter.book.hosts["127.0.0.1"].active == 0  # every lease back after the sockets closed
+    asked = limiter.snapshot()["127.0.0.1"]["requests"]
+    # With a rate cap every start asks the limiter; without one, only each new connection does.
+    assert asked == (40 if rps else fetcher.pool.opened), (asked, fetcher.pool.opened)
+
+
+def test_keep_alive_not_used_after_an_incomplete_response_or_a_failure():
+    """A connection goes back to the pool only after a body read to its end with an ok outcome: a 404 (body not
+    read), a 500 and an X-Robots-Tag opt-out each close theirs."""
+    body = jpeg()
+    with MisbehavingServer(keep_alive=True) as srv:
+        ok = srv.add("/ok.jpg", httpd.ok(body))
+        missing = srv.url("/missing.jpg")
+        err = srv.add("/err.jpg", httpd.status(500))
+        opted = srv.add("/noai.jpg", httpd.ok(body, headers={"X-Robots-Tag": "noai"}))
+        fetcher, _ = make_fetcher(per_host_connections=1, respect_robots_txt=False, retries=0, timeout_s=10.0)
+        statuses = [fetcher.fetch_url("x", u).status for u in (ok, ok, missing, ok, err, ok, opted, ok)]
+        fetcher.release_connections()
+    assert statuses == ["ok", "ok", "not_found", "ok", "http_error", "ok", "opted_out", "ok"]
+    # ok,ok share one; the 404, the 500 and the opt-out each end theirs; the ok after each opens a new one
+    assert srv.connections_accepted == 4, srv.connections_accepted
+
+
+def test_keep_alive_survives_a_server_that_closes_idle_connections():
+    """The server closes every connection after its response although it announced keep-alive (like a server
+    whose keep-alive timeout passed): the next request notices (socket readable / reset before any byte) and
+    goes out on a new connection; nothing fails."""
+    body = jpeg()
+
+    def close_after(h):
+        h.send_body(200, body)
+        h.wfile.flush()
+        h.close_connection = True
+        h.connection.shutdown(socket.SHUT_RDWR)
+
+    with MisbehavingServer(keep_alive=True) as srv:
+        urls = [srv.add(f"/img/{i}.jpg", close_after) for i in range(6)]
+        fetcher, _ = make_fetcher(per_host_connections=1, respect_robots_txt=False, retries=0, timeout_s=10.0)
+        statuses = [fetcher.fetch_url("x", u).status for u in urls]
+        fetcher.release_connections()
+    assert statuses == ["ok"] * 6
+    assert srv.hits and sum(srv.hits.values()) == 6  # no request was sent twice
+
+
+def test_dns_answers_are_cached_and_still_checked():
+    """The system resolver sits behind a bounded cache; every use of a cached answer is checked again, so a name
+    that resolves to a private address is refused every time, and an expired answer is asked for again."""
+    calls = []
+
+    def resolver(host, port):
+        calls.append(host)
+        return {"public.example": ["93.184.216.34"], "evil.example": ["10.0.0.1"]}[host]
+
+    cached = CachingResolver(resolver, ttl_s=60.0)
+    policy = URLPolicy(resolver=cached)
+    for _ in range(5):
+        assert policy.check("http://public.example/a.jpg").address == "93.184.216.34"
+        with pytest.raises(UnsafeURL) as exc:
+            policy.check("http://evil.example/a.jpg")
+        assert exc.value.status == "blocked_address"
+    assert calls == ["public.example", "evil.example"]
+    cached._clock = lambda: time.monotonic() + 61.0  # past the TTL: resolved again
+    policy.check("http://public.example/b.jpg")
+    assert calls == ["public.example", "evil.example", "public.example"]
+    assert isinstance(URLPolicy().resolver, CachingResolver)

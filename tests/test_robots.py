@@ -257,8 +257,7 @@ def test_crawl_delay_is_a_per_host_rate_cap_at_the_server():
 
 
 def test_hostbook_min_interval_applies_from_the_last_request():
-    book = HostBook(connections=10, requests_per_second=100, breaker_failures=5, breaker_cooldown_s=1,
-                    lease_s=60)
+    book = HostBook(connections=10, requests_per_second=100, breaker_failures=5, breaker_cooldown_s=1)
     lease, _, _ = book.try_acquire("h", 0.0)
     book.release("h", lease, "ok", 0.0)
     book.set_min_interval("h", 2.0)

@@ -10,6 +10,7 @@ import heapq
 import http.client
 import itertools
 import random
+import select
 import socket
 import threading
 import time
@@ -20,13 +21,15 @@ from urllib.parse import urljoin, urlsplit
 
 from artsim.config import DownloadConfig, StorageConfig
 from artsim.download.politeness import (
-    LimiterUnavailable, agent_token, backoff_delay, parse_retry_after, x_robots_opt_out,
+    BREAKER_OUTCOMES, LimiterUnavailable, agent_token, backoff_delay, parse_retry_after, x_robots_opt_out,
 )
 from artsim.download import robots
 from artsim.download.resize import ImageRejected, process_image
 from artsim.download.safety import Target, UnsafeURL, URLPolicy, open_connection
 
 READ_CHUNK = 256 * 1024
+KEEPALIVE_IDLE_S = 2.0  # an idle kept-alive connection is closed (and its slot returned) after this long
+KEEPALIVE_MAX_S = 10.0  # no connection (and so no limiter lease) is kept longer: slots rotate between processes
 NO_RETRY_HTTP = frozenset({400, 401, 403, 404, 405, 410, 451})
 
 
@@ -61,6 +64,8 @@ class _Response:
     retry_after: Optional[float] = None
     error: Optional[str] = None
     headers: dict = field(default_factory=dict)
+    reusable: bool = False  # the response was read to its end and the server keeps the connection open
+    stale: bool = False  # a kept-alive connection failed before any response byte (the server had closed it)
 
 
 class _Watchdog:
@@ -120,6 +125,101 @@ class _Watchdog:
                             pass
 
 
+@dataclass
+class _Connection:
+    """An open connection and the limiter lease that owns its slot: the lease is returned only after the socket
+    is closed, so the job-wide connection cap counts open sockets, idle kept-alive ones included."""
+
+    conn: http.client.HTTPConnection
+    host: str
+    key: tuple  # (scheme, host, port, pinned address): reused only for exactly these
+    lease: int
+    opened: float
+    idle_since: float = 0.0
+    requests: int = 0
+
+
+class _ConnectionPool:
+    """Idle kept-alive connections of one process, by (scheme, host, port, address).
+
+    A connection is reused only when its previous response was read to the end, for the same scheme, host, port
+    and *the address the current request's URL check just approved* (a DNS answer that changed opens a new
+    connection to the newly checked address). Idle connections are closed after ``idle_s``, every connection after
+    ``max_age_s``; closing returns the lease.
+    """
+
+    def __init__(self, limiter, idle_s: float = KEEPALIVE_IDLE_S, max_age_s: float = KEEPALIVE_MAX_S):
+        self.limiter = limiter
+        self.idle_s = idle_s
+        self.max_age_s = max_age_s
+        self._idle: dict[tuple, list[_Connection]] = {}
+        self._lock = threading.Lock()
+        self._reaper: Optional[threading.Thread] = None
+        self._wake = threading.Event()
+        self.opened = 0
+        self.reused = 0
+
+    def take(self, key: tuple) -> Optional[_Connection]:
+        now = time.monotonic()
+        while True:
+            with self._lock:
+                idle = self._idle.get(key)
+                if not idle:
+                    return None
+                pooled = idle.pop()  # the most recently used: the likeliest to be still open at the server
+            if now - pooled.idle_since < self.idle_s and now - pooled.opened < self.max_age_s \
+                    and _still_open(pooled.conn):
+                self.reused += 1
+                return pooled
+            self.discard(pooled, "ok")
+
+    def give(self, pooled: _Connection) -> None:
+        pooled.idle_since = time.monotonic()
+        if pooled.idle_since - pooled.opened >= self.max_age_s:
+            self.discard(pooled, "ok")
+            return
+        with self._lock:
+            self._idle.setdefault(pooled.key, []).append(pooled)
+            if self._reaper is None:
+                self._reaper = threading.Thread(target=self._reap_loop, name="artsim-keepalive-reaper", daemon=True)
+                self._reaper.start()
+
+    def discard(self, pooled: _Connection, outcome: str, pause_s: float = 0.0) -> None:
+        """Close the socket, then return its slot (in this order: the cap counts open sockets)."""
+        pooled.conn.close()
+        self.limiter.release(pooled.host, pooled.lease, outcome, pause_s)
+
+    def close_idle(self, older_than_s: float = 0.0) -> int:
+        now = time.monotonic()
+        with self._lock:
+            stale, keep = [], {}
+            for key, conns in self._idle.items():
+                for c in conns:
+                    expired = now - c.idle_since >= older_than_s or now - c.opened >= self.max_age_s
+                    (stale if expired else keep.setdefault(key, [])).append(c)
+            self._idle = keep
+        for c in stale:
+            self.discard(c, "ok")
+        return len(stale)
+
+    def _reap_loop(self) -> None:
+        while True:
+            self._wake.wait(self.idle_s / 4)
+            self.close_idle(self.idle_s)
+
+
+def _still_open(conn) -> bool:
+    """A kept-alive socket with nothing to read: anything readable on an idle HTTP connection is the server's
+    close (EOF) or garbage, and either way the connection is not reused."""
+    sock = getattr(conn, "raw_sock", None)
+    if sock is None or conn.sock is None:
+        return False
+    try:
+        return not select.select([sock], [], [], 0)[0]
+    except (OSError, ValueError):
+        return False
+
+
 def iiif_rendition_url(service: str, size: int) -> str:
     """A server-side resized rendition: ``{service}/full/!N,N/0/default.jpg`` (IIIF Image API 2 and 3)."""
     base = service.strip().rstrip("/")
@@ -168,6 +268,12 @@ class Fetcher:
         self._robots_locks: dict[str, threading.Lock] = {}
         self._robots_guard = threading.Lock()
         self._storage = None
+        self.pool = _ConnectionPool(limiter)
+        # Requests-per-second cap: with one, every request start asks the limiter (exact spacing needs that);
+        # without (per_host_requests_per_second null), a kept-alive connection starts its next request without a
+        # limiter round trip unless the host has a Crawl-delay or is paused (see docs/download.md).
+        self._rate_capped_hosts: set[str] = set()
+        self._failed_hosts: set[str] = set()  # hosts whose last reported outcome from here was a failure
         self.internal_errors: dict[str, str] = {}  # signature -> first traceback (see fetch_record)
         self._internal_lock = threading.Lock()
 
@@ -336,23 +442,48 @@ class Fetcher:
     # -- one request ---------------------------------------------------------------------------------------------
     def _request(self, target: Target, want_body: bool, max_bytes: Optional[int] = None,
                  path: Optional[str] = None, check_opt_out: bool = True, truncate: bool = False) -> _Response:
-        """GET once (no redirects) under a limiter lease and a total deadline.
+        """GET once (no redirects) on a connection that holds a limiter lease, under a total deadline.
+
+        The connection is a kept-alive one of the same (scheme, host, port, checked address) when one is idle,
+        else a new one (a lease first, then the connection). After an ``ok`` outcome with the response read to its
+        end, the connection goes back to the pool with its lease; otherwise it is closed, then the lease returned
+        with the outcome (circuit breaker, Retry-After pause).
 
         ``truncate``: a body over ``max_bytes`` is cut there (robots.txt) instead of refused as too_large."""
         max_bytes = self.cfg.max_bytes if max_bytes is None else max_bytes
-        lease, why = self.limiter.acquire(target.host, time.monotonic() + self.queue_timeout_s)
-        if lease is None:
-            if why == "paused":
-                return _Response("paused", error=f"host {target.host} paused by circuit breaker")
-            return _Response("timeout", error=f"waited {self.queue_timeout_s:.0f}s for a connection slot")
+        give_up = time.monotonic() + self.queue_timeout_s
+        pooled = self.pool.take((target.scheme, target.host, target.port, target.address))
+        if pooled is not None:
+            refused = self._start_on(pooled, give_up)
+            if refused is not None:
+                return refused
+            if pooled.lease is None:
+                pooled = None  # the host is paused: the connection was closed; queue for a new slot below
+        reused = pooled is not None
+        if pooled is None:
+            lease, why = self.limiter.acquire(target.host, give_up)
+            if lease is None:
+                return self._refused(target.host, why)
+            pooled = _Connection(open_connection(target, self.cfg.timeout_s), target.host,
+                                 (target.scheme, target.host, target.port, target.address), lease, time.monotonic())
+            self.pool.opened += 1
         outcome, pause_s = "connection", 0.0
         response = _Response("connection", error="request did not complete")
         deadline = time.monotonic() + self.cfg.timeout_s
-        conn = open_connection(target, self.cfg.timeout_s)
-        token = self._watchdog.watch(deadline, conn)
+        token = self._watchdog.watch(deadline, pooled.conn)
         try:
-            response = self._exchange(conn, target, path or target.path, want_body, max_bytes, deadline,
+            response = self._exchange(pooled.conn, target, path or target.path, want_body, max_bytes, deadline,
                                       check_opt_out, truncate)
+            if response.stale and reused:
+                # The server closed the idle connection as we sent (a keep-alive race, nothing was served): once
+                # more on a new socket under the same slot, to the address this request's check approved.
+                pooled.conn.close()
+                self._watchdog.done(token)
+                pooled.conn = open_connection(target, self.cfg.timeout_s)
+                pooled.opened, pooled.requests = time.monotonic(), 0
+                token = self._watchdog.watch(deadline, pooled.conn)
+                response = self._exchange(pooled.conn, target, path or target.path, want_body, max_bytes,
+                                          deadline, check_opt_out, truncate)
             code = response.http_status or 0
             if response.kind in ("timeout", "connection"):
                 outcome = response.kind
@@ -367,25 +498,71 @@ class Fetcher:
             outcome = "internal_error"  # a bug on our side: not a failure of the host (no circuit-breaker count)
             raise
         finally:
-            conn.close()
             fired = self._watchdog.done(token)
             if fired:
                 outcome = "timeout"
-            self.limiter.release(target.host, lease, outcome, pause_s)
+            pooled.requests += 1
+            if outcome == "ok" and response.reusable and self.cfg.keep_alive:
+                if target.host in self._failed_hosts:  # tell the circuit breaker the host answers again
+                    self._failed_hosts.discard(target.host)
+                    self.limiter.record(target.host, "ok")
+                self.pool.give(pooled)
+            else:
+                if outcome in BREAKER_OUTCOMES:
+                    self._failed_hosts.add(target.host)
+                elif outcome == "ok":
+                    self._failed_hosts.discard(target.host)
+                self.pool.discard(pooled, outcome, pause_s)
         if fired and response.kind != "timeout":
             response = _Response("timeout", error=f"no complete response within {self.cfg.timeout_s:g}s")
         return response
 
+    def _start_on(self, pooled: _Connection, give_up: float) -> Optional[_Response]:
+        """May a kept-alive connection start its next request now? None: yes (or, with ``pooled.lease`` set to
+        None, not on this connection: it was closed and the request queues for a new slot). A response: the
+        request ends with it (host paused by the circuit breaker, no rate slot in time)."""
+        host = pooled.host
+        if self.cfg.per_host_requests_per_second or host in self._rate_capped_hosts:
+            # A requests-per-second cap is exact only if every start asks: one round trip, but no new connection.
+            lease, why = self.limiter.start(host, pooled.lease, give_up)
+            if lease is not None:
+                return None
+            if why == "reclaimed":  # the limiter took the slot back (it thought us dead): not ours any more
+                pooled.conn.close()
+                pooled.lease = None
+                return None
+            self.pool.discard(pooled, "abandoned")
+            return self._refused(host, why)
+        if self.limiter.blocked_s(host) > 0:
+            # A Retry-After pause or an open circuit breaker that another request (maybe another process) saw:
+            # give the slot back and queue like a new request, which waits out the pause or gives up.
+            self.pool.discard(pooled, "abandoned")
+            pooled.lease = None
+        return None
+
+    def _refused(self, host: str, why: Optional[str]) -> _Response:
+        if why == "paused":
+            return _Response("paused", error=f"host {host} paused by circuit breaker")
+        return _Response("timeout", error=f"waited {self.queue_timeout_s:.0f}s for a connection slot")
+
+    def release_connections(self) -> None:
+        """Close every idle kept-alive connection and return its slot (end of a shard: an idle worker must not
+        hold slots that other workers are waiting for)."""
+        self.pool.close_idle(0.0)
+
     def _exchange(self, conn, target: Target, path: str, want_body: bool, max_bytes: int, deadline: float,
                   check_opt_out: bool, truncate: bool = False) -> _Response:
+        started = False
         try:
             conn.putrequest("GET", path, skip_accept_encoding=True)
             conn.putheader("User-Agent", self.cfg.user_agent)
             conn.putheader("Accept", "image/avif,image/webp,image/png,image/jpeg,image/*;q=0.8,*/*;q=0.5")
             conn.putheader("Accept-Encoding", "identity")
-            conn.putheader("Connection", "close")
+            if not self.cfg.keep_alive:
+                conn.putheader("Connection", "close")
             conn.endheaders()
             resp = conn.getresponse()
+            started = True
             try:
                 return self._read_response(conn, resp, want_body, max_bytes, deadline, check_opt_out, truncate)
             finally:
@@ -395,7 +572,9 @@ class Fetcher:
         except http.client.IncompleteRead as exc:
             return _Response("connection", error=f"truncated body: {len(exc.partial)} bytes then closed")
         except (http.client.HTTPException, OSError, ValueError) as exc:
-            return _Response("connection", error=f"{type(exc).__name__}: {exc}")
+            stale = not started and isinstance(exc, (http.client.RemoteDisconnected, ConnectionResetError,
+                                                     BrokenPipeError, ConnectionAbortedError))
+            return _Response("connection", error=f"{type(exc).__name__}: {exc}", stale=stale)
 
     def _read_response(self, conn, resp, want_body: bool, max_bytes: int, deadline: float,
                        check_opt_out: bool, truncate: bool = False) -> _Response:
@@ -422,10 +601,19 @@ class Fetcher:
                 expected = None  # read up to the cap like a body without a length
             else:
                 return _Response("too_large", code, error=f"Content-Length {expected} > max_bytes {max_bytes}")
-        # Read straight into one buffer (readinto): no per-chunk bytes objects and no join copy of a ~1 MB body.
-        # With a Content-Length the buffer has the announced size (<= max_bytes, checked above); without one it
-        # grows, still capped at max_bytes + 1 so an endless body is cut off.
-        buf = bytearray(expected + 1 if expected is not None else READ_CHUNK)
+        if expected is not None:
+            # One read of the announced size (<= max_bytes, checked above) into one bytes object, which is then
+            # hashed and decoded as is (BytesIO shares bytes): the body is never copied. The total deadline is the
+            # watchdog's: it shuts the socket down, which ends this read short.
+            conn.raw_sock.settimeout(max(0.001, deadline - time.monotonic()))
+            data = resp.read(expected)
+            if len(data) < expected:
+                return _Response("connection", code, error=f"truncated body: {len(data)} of {expected} bytes")
+            return _Response("body", code, body=data, headers=headers,
+                             reusable=resp.isclosed() and not resp.will_close)
+        # Without a length: straight into one buffer (readinto), no per-chunk bytes objects and no join; it grows,
+        # capped at max_bytes + 1 so an endless body is cut off.
+        buf = bytearray(READ_CHUNK)
         view = memoryview(buf)
         total = 0
         try:
@@ -450,10 +638,8 @@ class Fetcher:
                     return _Response("too_large", code, error=f"body over max_bytes {max_bytes}")
         finally:
             view.release()
-        if expected is not None and total < expected:
-            return _Response("connection", code, error=f"truncated body: {total} of {expected} bytes")
         del buf[total:]
-        return _Response("body", code, body=buf, headers=headers)
+        return _Response("body", code, body=buf, headers=headers, reusable=resp.isclosed() and not resp.will_close)
 
     # -- robots.txt ----------------------------------------------------------------------------------------------
     def _robots_verdict(self, target: Target) -> Optional[bool]:
@@ -474,6 +660,7 @@ class Fetcher:
                     rules = self._robots[origin] = robots.RobotsRules(fetched, self.agent)
                     interval = rules.min_interval_s()
                     if interval > 0:  # Crawl-delay / Request-rate: a per-host rate cap, job-wide
+                        self._rate_capped_hosts.add(target.host)  # so every start on a kept connection asks
                         self.limiter.set_min_interval(target.host, interval)
         return rules.allows(target.url)
 

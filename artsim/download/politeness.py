@@ -43,6 +43,7 @@ class Ticket:
     holder: Any
     give_up: float
     waiter: Any = None
+    lease: Optional[int] = None  # a held connection asking to start its next request (rate slot only)
 
 
 @dataclass
@@ -69,10 +70,10 @@ class HostBook:
     when to look again.
     """
 
-    def __init__(self, connections: int, requests_per_second: float, breaker_failures: int,
+    def __init__(self, connections: int, requests_per_second: Optional[float], breaker_failures: int,
                  breaker_cooldown_s: float):
         self.connections = connections
-        self.interval = 1.0 / requests_per_second
+        self.interval = 1.0 / requests_per_second if requests_per_second else 0.0  # None: no rate cap
         self.breaker_failures = breaker_failures
         self.breaker_cooldown_s = breaker_cooldown_s
         self.hosts: dict[str, HostState] = {}
@@ -84,24 +85,34 @@ class HostBook:
             state = self.hosts[host] = HostState()
         return state
 
-    def try_acquire(self, host: str, now: float, holder: Any = None) -> tuple[Optional[int], Optional[float],
-                                                                             Optional[str]]:
+    def try_acquire(self, host: str, now: float, holder: Any = None,
+                    held: Optional[int] = None) -> tuple[Optional[int], Optional[float], Optional[str]]:
         """Grant now if the caps allow: (lease id, 0, None); otherwise (None, seconds to wait, reason), where the wait
-        is None for "connections" (only a release or a dead holder frees a slot; nothing to time)."""
+        is None for "connections" (only a release or a dead holder frees a slot; nothing to time).
+
+        ``held``: the lease of a kept-alive connection asking to start its next request. It already owns its
+        connection slot, so only the rate cap and the pauses apply; (None, None, "reclaimed") when the lease is no
+        longer valid (its holder was declared dead)."""
         state = self._state(host)
         state.attempts += 1
         if state.open_until > now:
             return None, state.open_until - now, "paused"
-        if state.active >= self.connections:
+        if held is not None:
+            if held not in state.leases:
+                return None, None, "reclaimed"
+        elif state.active >= self.connections:
             return None, None, "connections"
         wait = max(state.not_before, state.next_slot) - now
         if wait > 0:
             return None, wait, "rate"
-        lease = self._next_lease
-        self._next_lease += 1
-        state.leases[lease] = holder
-        state.active += 1
-        state.max_active = max(state.max_active, state.active)
+        if held is not None:
+            lease = held
+        else:
+            lease = self._next_lease
+            self._next_lease += 1
+            state.leases[lease] = holder
+            state.active += 1
+            state.max_active = max(state.max_active, state.active)
         state.requests += 1
         state.next_slot = max(state.next_slot, now) + max(self.interval, state.min_interval)
         return lease, 0.0, None
@@ -131,7 +142,7 @@ class HostBook:
             state.queue = queue = deque(t for t in queue if t.give_up > now)
         wake = None
         while queue:
-            lease, wait, reason = self.try_acquire(host, now, queue[0].holder)
+            lease, wait, reason = self.try_acquire(host, now, queue[0].holder, queue[0].lease)
             if lease is not None:
                 done.append((queue.popleft(), lease, None))
                 continue
@@ -139,6 +150,20 @@ class HostBook:
                 done.extend((t, None, "paused") for t in queue)
                 queue.clear()
                 break
+            if reason == "reclaimed":
+                done.append((queue.popleft(), None, "reclaimed"))
+                continue
+            if reason == "connections":
+                # A kept-alive connection asking to start needs no slot, and it may be the very connection whose
+                # release the head is waiting for: let the first such ticket past (only the rate cap applies).
+                index = next((i for i, t in enumerate(queue) if t.lease is not None), None)
+                if index is not None:
+                    ticket = queue[index]
+                    lease, wait, reason = self.try_acquire(host, now, ticket.holder, ticket.lease)
+                    if lease is not None or reason == "reclaimed":
+                        del queue[index]
+                        done.append((ticket, lease, reason))
+                        continue
             if wait is not None:
                 wake = now + wait
             break
@@ -161,6 +186,11 @@ class HostBook:
         state = self._state(host)
         if state.leases.pop(lease, _MISSING) is not _MISSING:
             state.active -= 1
+        self.record(host, outcome, now, pause_s)
+
+    def record(self, host: str, outcome: str, now: float, pause_s: float = 0.0) -> None:
+        """The outcome of a request whose connection stays open (keep-alive): pauses and the circuit breaker."""
+        state = self._state(host)
         if pause_s > 0:
             state.not_before = max(state.not_before, now + pause_s)
         if outcome in BREAKER_OUTCOMES:
@@ -186,6 +216,16 @@ class HostBook:
                 hosts.append(host)
         return hosts
 
+    def blocked_s(self, host: str, now: float) -> float:
+        """Seconds until the host may be asked again (a Retry-After pause or an open circuit breaker), 0 if none."""
+        state = self.hosts.get(host)
+        if state is None:
+            return 0.0
+        return max(0.0, state.not_before - now, state.open_until - now)
+
+    def blocked_hosts(self, now: float) -> dict[str, float]:
+        return {host: s for host in self.hosts if (s := self.blocked_s(host, now)) > 0}
+
     def held_by(self, holder: Any) -> int:
         return sum(1 for s in self.hosts.values() for h in s.leases.values() if h == holder)
 
@@ -202,16 +242,23 @@ _MISSING = object()
 class LocalHostLimiter:
     """Thread-safe limiter for one process. Same interface as the Ray-backed client in ray_job.py."""
 
-    def __init__(self, connections: int, requests_per_second: float, breaker_failures: int,
+    def __init__(self, connections: int, requests_per_second: Optional[float], breaker_failures: int,
                  breaker_cooldown_s: float = 60.0):
         self.book = HostBook(connections, requests_per_second, breaker_failures, breaker_cooldown_s)
+        self.rate_capped = bool(requests_per_second)  # every request start must ask (see Fetcher._request)
         self._lock = threading.Lock()
         self._timers: dict[str, threading.Timer] = {}
         self.robots: dict[str, tuple[int, str]] = {}
 
     def acquire(self, host: str, deadline: float) -> tuple[Optional[int], Optional[str]]:
         """Block until a slot is granted or ``deadline`` (monotonic) passes; (lease, None) or (None, reason)."""
-        ticket = Ticket(threading.get_ident(), deadline, [threading.Event(), None])
+        return self._wait(host, Ticket(threading.get_ident(), deadline, [threading.Event(), None]))
+
+    def start(self, host: str, lease: int, deadline: float) -> tuple[Optional[int], Optional[str]]:
+        """A kept-alive connection's next request: wait for a rate slot (and any pause) under the lease it holds."""
+        return self._wait(host, Ticket(threading.get_ident(), deadline, [threading.Event(), None], lease))
+
+    def _wait(self, host: str, ticket: Ticket) -> tuple[Optional[int], Optional[str]]:
         with self._lock:
             self.book.submit(host, ticket)
             self._settle(host)
@@ -242,6 +289,15 @@ class LocalHostLimiter:
         with self._lock:
             self.book.release(host, lease, outcome, time.monotonic(), pause_s)
             self._settle(host)
+
+    def record(self, host: str, outcome: str, pause_s: float = 0.0) -> None:
+        with self._lock:
+            self.book.record(host, outcome, time.monotonic(), pause_s)
+            self._settle(host)
+
+    def blocked_s(self, host: str) -> float:
+        with self._lock:
+            return self.book.blocked_s(host, time.monotonic())
 
     def get_robots(self, host_key: str) -> Optional[tuple]:
         with self._lock:

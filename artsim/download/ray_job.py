@@ -39,6 +39,9 @@ class HostLimiterActorImpl:
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._watchers: dict[str, asyncio.Task] = {}
         self.dead_holders: list[str] = []
+        self._news_version = 0
+        self._news = asyncio.Event()
+        self._last_blocked: dict[str, float] = {}
 
     async def register(self, holder: str, handle) -> None:
         """Watch ``handle`` (the holder's own actor); its leases are reclaimed once it is known dead."""
@@ -74,6 +77,42 @@ class HostLimiterActorImpl:
         self._settle(host)
         return await future
 
+    async def start(self, host: str, lease: int, wait_limit_s: float, releases: tuple = (),
+                    holder: Optional[str] = None) -> tuple[Optional[int], Optional[str]]:
+        """A kept-alive connection (holding ``lease``) asks to start its next request: rate cap and pauses only."""
+        self._apply(releases)
+        future = asyncio.get_running_loop().create_future()
+        self.book.submit(host, Ticket(holder, time.monotonic() + wait_limit_s, future, lease))
+        self._settle(host)
+        return await future
+
+    async def record(self, host: str, outcome: str, pause_s: float = 0.0) -> None:
+        self.book.record(host, outcome, time.monotonic(), pause_s)
+        self._settle(host)
+        self._publish()
+
+    def _publish(self) -> None:
+        """Tell holders waiting in ``news`` when the set of paused hosts (Retry-After, circuit breaker) changed."""
+        now = time.monotonic()
+        blocked = {h: now + s for h, s in self.book.blocked_hosts(now).items()}
+        if blocked.keys() != self._last_blocked.keys() or any(
+                blocked[h] > self._last_blocked[h] + 0.05 for h in blocked):
+            self._news_version += 1
+            self._last_blocked = blocked
+            self._news.set()
+            self._news = asyncio.Event()
+
+    async def news(self, since: int, timeout_s: float = 10.0) -> tuple[int, dict]:
+        """Long poll: returns (version, {host: seconds it stays paused}) once the version passes ``since`` (or
+        after ``timeout_s``). Holders whose kept-alive connections start requests without asking (no rate cap)
+        learn of pauses this way, within one message of the release that caused them."""
+        if self._news_version <= since:
+            try:
+                await asyncio.wait_for(self._news.wait(), timeout=timeout_s)
+            except asyncio.TimeoutError:
+                pass
+        return self._news_version, self.book.blocked_hosts(time.monotonic())
+
     def _settle(self, host: str) -> None:
         now = time.monotonic()
         done, wake = self.book.settle(host, now)
@@ -105,6 +144,8 @@ class HostLimiterActorImpl:
                 hosts.append(host)
         for host in hosts:
             self._settle(host)
+        if any(outcome != "ok" or pause_s > 0 for _h, _l, outcome, pause_s in releases):
+            self._publish()
 
     async def get_robots(self, origin: str, wait_s: float = 60.0):
         """The cached robots.txt of ``origin``; or None, which makes the caller the one that fetches it.
@@ -153,7 +194,8 @@ class RayLimiterClient:
     whatever is deferred, so they are never reordered behind them.
     """
 
-    def __init__(self, actors: list, release_delay_s: float = 0.02, holder_handle=None, robots_wait_s: float = 60.0):
+    def __init__(self, actors: list, release_delay_s: float = 0.02, holder_handle=None, robots_wait_s: float = 60.0,
+                 watch_pauses: bool = False):
         self.actors = actors
         self.robots_wait_s = robots_wait_s  # how long to wait for another worker's robots.txt fetch
         # Every lease this process takes is owned by this holder id; the limiter takes them back only when the
@@ -167,6 +209,53 @@ class RayLimiterClient:
         self._oldest: dict[int, float] = {}  # actor index -> monotonic time its oldest deferred release was made
         self._cond = threading.Condition()
         self._flusher: Optional[threading.Thread] = None
+        # Pauses (Retry-After, circuit breaker) as the limiters last told us: host -> monotonic time they end.
+        # Only needed when kept-alive connections start requests without asking (no requests-per-second cap).
+        self._blocked: dict[str, float] = {}
+        if watch_pauses:
+            threading.Thread(target=self._news_loop, name="artsim-limiter-news", daemon=True).start()
+
+    def start(self, host: str, lease: int, deadline: float):
+        """The next request on a kept-alive connection holding ``lease``: waits for a rate slot and any pause."""
+        wait_limit = max(0.0, deadline - time.monotonic())
+        index = self._index(host)
+        with self._cond:
+            releases = self._take(index)
+        return self._get(self.actors[index].start.remote(host, lease, wait_limit, releases, self.holder))
+
+    def record(self, host: str, outcome: str, pause_s: float = 0.0) -> None:
+        """An outcome on a connection that stays open (the circuit breaker's count of consecutive failures)."""
+        index = self._index(host)
+        with self._cond:
+            releases = self._take(index)
+            if releases:
+                self.actors[index].release_many.remote(releases)
+            self.actors[index].record.remote(host, outcome, pause_s)
+
+    def blocked_s(self, host: str) -> float:
+        until = self._blocked.get(host)
+        return max(0.0, until - time.monotonic()) if until else 0.0
+
+    def _news_loop(self) -> None:
+        import ray
+
+        versions = [0] * len(self.actors)
+        pending = {self.actors[i].news.remote(0): i for i in range(len(self.actors))}
+        blocked_by_actor: list[dict] = [{} for _ in self.actors]
+        while True:
+            try:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                index = pending.pop(ready[0])
+                versions[index], blocked = ray.get(ready[0])
+            except ray.exceptions.RayError:
+                return  # the limiter is gone: acquires fail with LimiterUnavailable, which ends the shard
+            now = time.monotonic()
+            blocked_by_actor[index] = {h: now + s for h, s in blocked.items()}
+            merged: dict[str, float] = {}
+            for part in blocked_by_actor:
+                merged.update(part)
+            self._blocked = merged
+            pending[self.actors[index].news.remote(versions[index])] = index
 
     def _index(self, host: str) -> int:
         digest = hashlib.blake2b(host.encode("utf-8"), digest_size=8).digest()
@@ -258,7 +347,8 @@ class ShardWorker:
 
         d = config.download
         self.limiter = RayLimiterClient(limiter_actors, holder_handle=ray.get_runtime_context().current_actor,
-                                        robots_wait_s=d.timeout_s * (d.max_redirects + 1) + 5.0)
+                                        robots_wait_s=d.timeout_s * (d.max_redirects + 1) + 5.0,
+                                        watch_pauses=d.keep_alive and not d.per_host_requests_per_second)
         self.fetcher = Fetcher(config.download, self.limiter, config.storage)
 
     def __call__(self, row: dict) -> dict:
@@ -271,6 +361,7 @@ class ShardWorker:
             summary = process_shard(task, self.fetcher, self.storage, self.images_uri,
                                     self.config.download.fetch_threads)
         finally:
+            self.fetcher.release_connections()  # idle kept-alive connections closed, their slots returned
             self.limiter.flush()
         return {"summary": json.dumps(summary)}
 

@@ -29,6 +29,8 @@ from urllib.parse import urlsplit, urlunsplit
 # one to simulate names that resolve to private addresses without touching /etc/hosts or the network.
 Resolver = Callable[[str, int], list[str]]
 
+DNS_CACHE_S = 30.0  # how long a resolved answer is reused (each use is still checked)
+
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
@@ -53,6 +55,41 @@ def system_resolver(host: str, port: int) -> list[str]:
         if addr not in seen:
             seen.append(addr)
     return seen
+
+
+class CachingResolver:
+    """Remembers a resolver's answers for ``ttl_s`` (the system resolver does not expose DNS TTLs, so a short bound
+    stands in for them), up to ``max_entries`` names. Only the *answers* are cached: :meth:`URLPolicy.check` still
+    judges every address of every answer on every use, and a connection is pinned to the address it was checked
+    with, so a cached answer can never let a private address through. Failures are not cached."""
+
+    def __init__(self, resolve: Resolver, ttl_s: float = 30.0, max_entries: int = 4096):
+        import threading
+        import time
+
+        self.resolve = resolve
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._clock = time.monotonic
+        self._lock = threading.Lock()
+        self._cache: dict[tuple[str, int], tuple[float, list[str]]] = {}
+        self.misses = 0
+
+    def __call__(self, host: str, port: int) -> list[str]:
+        key = (host, port)
+        now = self._clock()
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        addresses = self.resolve(host, port)
+        with self._lock:
+            self.misses += 1
+            if len(self._cache) >= self.max_entries:
+                self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
+                if len(self._cache) >= self.max_entries:
+                    self._cache.clear()
+            self._cache[key] = (now + self.ttl_s, list(addresses))
+        return addresses
 
 
 def blocked_reason(address: str) -> Optional[str]:
@@ -117,7 +154,9 @@ class URLPolicy:
         self.allow_private_addresses = allow_private_addresses
         self.allow_hosts = frozenset(normalize_host(h) for h in allow_hosts)
         self.allow_local_files = allow_local_files
-        self.resolver = resolver or system_resolver
+        # The system resolver behind a short cache: a host with thousands of images is resolved about once per
+        # DNS_CACHE_S, not once per image. An injected resolver (tests) is used as given.
+        self.resolver = resolver or CachingResolver(system_resolver, DNS_CACHE_S)
 
     def scheme_of(self, url: str) -> str:
         """Classify a URL: 'http' (http/https), 'local' (s3, file, plain path) or raise UnsafeURL."""
