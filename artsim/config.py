@@ -92,6 +92,15 @@ class SourceConfig:
     backoff_max_s: float = 120.0  # europeana_api: backoff cap (a longer Retry-After is waited up to this)
     timeout_s: float = 60.0  # europeana_api: per request
 
+    RANGES = {
+        "page_size": Range(1, 100),  # the Search API's limit
+        "max_records": Range(1, 10**10),
+        "retries": Range(1, 100),
+        "backoff_base_s": Range(0, 3600),
+        "backoff_max_s": Range(0, 3600),
+        "timeout_s": Range(0, 3600, low_open=True),
+    }
+
     def check(self):
         if not self.collection or ":" in self.collection:
             yield "collection", "must be a non-empty name without ':'"

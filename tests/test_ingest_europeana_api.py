@@ -135,7 +135,10 @@ def test_a_bad_key_stops_at_once(tmp_path, monkeypatch):
         with pytest.raises(ArtsimError, match=r"HTTP 401: Invalid API key") as info:
             run_ingest(RunContext(_config(tmp_path, url)))
     assert "wrong" not in str(info.value)
-    assert len(api.requests) == 2  # one per partition, no retries
+    # no retries: at most one request per partition (the job stops at the first refusal, so the other partition's
+    # task may never have sent its request)
+    partitions = [tuple(r.get("qf", [])) for r in api.requests]
+    assert 1 <= len(partitions) <= 2 and len(set(partitions)) == len(partitions)
 
 
 def test_the_shipped_europeana_config_is_valid():

@@ -186,6 +186,23 @@ def _not_regular(mode: int) -> Optional[str]:
     return next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
 
 
+def check_regular_file(storage: Storage, uri: str, what: str) -> None:
+    """Refuse a local source path that is not a regular file (FIFO, device, socket, directory), before anything is
+    opened or any worker starts; S3 objects are always plain objects."""
+    if is_s3(uri):
+        return
+    path = uri[len("file://"):] if uri.startswith("file://") else uri
+    try:
+        kind = _not_regular(os.stat(path).st_mode)
+    except FileNotFoundError:
+        raise ArtsimError(f"{what}: source file not found") from None
+    except OSError as exc:
+        raise ArtsimError(f"{what}: cannot read: {exc.strerror or exc}") from None
+    if kind is not None:
+        raise ArtsimError(f"{what}: {uri} is {kind}, not a regular file (only regular files and S3 objects are "
+                          "read)")
+
+
 def open_regular_file(path: str, what: str):
     """An unbuffered binary file object for ``path``, which must be a regular file (symlinks are followed).
 

@@ -32,8 +32,8 @@ from artsim.ingest.licenses import license_allowed, normalize_license
 from artsim.ingest.met_api import parse_met_api
 from artsim.ingest.met_csv import REQUIRED_COLUMNS as MET_CSV_REQUIRED, parse_met_csv
 from artsim.ingest.readers import (
-    CsvSource, ReadLimits, SourceBudget, json_line_rows, parquet_columns, parquet_rows, read_json_document,
-    sniff_format, source_files,
+    CsvSource, ReadLimits, SourceBudget, check_regular_file, json_line_rows, parquet_columns, parquet_rows,
+    read_json_document, sniff_format, source_files,
 )
 from artsim.ingest.smk import parse_smk
 from artsim.ingest.table import parse_table, resolve_mapping
@@ -271,6 +271,8 @@ def list_source_files(storage: Storage, source: SourceConfig, key: str) -> list:
     from artsim.ingest.plan import PIECE_BYTES, SourceFile, format_of_name
 
     uris = source_files(storage, source.path, f"{key}.path")
+    for uri in uris:  # on the driver, before any task: a FIFO or a device is a user error, not a hung worker
+        check_regular_file(storage, uri, f"{key}.path")
     sizes: dict[str, int] = {}
     by_dir: dict[str, list[str]] = {}
     for uri in uris:
