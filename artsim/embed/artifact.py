@@ -42,6 +42,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch.nn as nn
 
+from artsim.embed import efficientnet_lite as _lite
 from artsim.errors import ArtsimError, ConfigError, IntegrityError
 from artsim.storage import Storage, join
 
@@ -404,6 +405,9 @@ def is_artifact_uri(weights: str) -> bool:
 
 def backbone_spec(model: str, weights: Optional[str], seed: int, image_size: Optional[int] = None) -> ModelSpec:
     """The spec of a bare backbone (no head) from a torchvision name and weights name (or None for random init)."""
+    if _lite.is_lite_model(model):  # packaged EfficientNet-Lite (efficientnet_lite.py)
+        return ModelSpec(**_lite.backbone_spec_fields(model, weights, seed, image_size), feature_dim=0, head=None,
+                         output_dim=0, includes_backbone_weights=False)
     resize_ratio = 1.0
     mean, std, size = IMAGENET_MEAN, IMAGENET_STD, DEFAULT_IMAGE_SIZE
     weights_name = None
@@ -425,11 +429,16 @@ def backbone_spec(model: str, weights: Optional[str], seed: int, image_size: Opt
 
 def build_backbone(spec: ModelSpec, backbone_state: Optional[dict] = None):
     """Rebuild the headless backbone a spec describes; returns (module in eval mode, feature_dim)."""
-    model = _new_backbone(spec.backbone, spec.backbone_seed or 0, spec.image_size)
-    if backbone_state is None and spec.backbone_weights:
-        entry = torchvision_weights(spec.backbone, spec.backbone_weights)
-        model.load_state_dict(fetch_torchvision_state(entry.url), strict=True)
-    feature_dim = strip_classifier(model)
+    if _lite.is_lite_model(spec.backbone):  # packaged EfficientNet-Lite (efficientnet_lite.py)
+        model, feature_dim = _lite.build_backbone(spec.backbone, spec.backbone_weights, spec.backbone_seed or 0,
+                                                  spec.image_size, backbone_state)
+        backbone_state = None
+    else:
+        model = _new_backbone(spec.backbone, spec.backbone_seed or 0, spec.image_size)
+        if backbone_state is None and spec.backbone_weights:
+            entry = torchvision_weights(spec.backbone, spec.backbone_weights)
+            model.load_state_dict(fetch_torchvision_state(entry.url), strict=True)
+        feature_dim = strip_classifier(model)
     if backbone_state is not None:
         try:
             model.load_state_dict(backbone_state, strict=True)
@@ -573,6 +582,9 @@ def _load_checked_artifact(embed_cfg, storage: Storage, image_size: Optional[int
 
 
 def _torchvision_weights_id(embed_cfg) -> str:
+    if _lite.is_lite_model(embed_cfg.model):  # packaged EfficientNet-Lite (efficientnet_lite.py)
+        weights = _lite.check_weights_name(embed_cfg.model, embed_cfg.weights)
+        return _lite.weights_id(embed_cfg.model, weights, embed_cfg.seed)
     if embed_cfg.weights is None:
         return f"random-init-seed-{embed_cfg.seed}"
     entry = torchvision_weights(embed_cfg.model, embed_cfg.weights)
@@ -594,6 +606,11 @@ def describe_model(embed_cfg, storage: Optional[Storage] = None,
         spec, _, _, weights_id = _load_checked_artifact(embed_cfg, storage, image_size)
         return spec, weights_id
     spec = backbone_spec(embed_cfg.model, embed_cfg.weights, embed_cfg.seed, image_size)
+    if _lite.is_lite_model(spec.backbone):  # packaged EfficientNet-Lite: the file is local, or a clear error
+        if spec.backbone_weights:
+            _lite.weights_path()
+        spec.feature_dim = spec.output_dim = _lite.FEATURE_DIM
+        return spec, _torchvision_weights_id(embed_cfg)
     if spec.backbone_weights:
         download_torchvision_checkpoint(torchvision_weights(spec.backbone, spec.backbone_weights).url)
     with torch.device("meta"):  # shapes only: no memory, no initialisation work
