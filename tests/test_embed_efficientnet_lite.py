@@ -136,3 +136,13 @@ def test_artifact_round_trip_head_and_finetuned_backbone(tmp_path, pretrained):
         assert not torch.allclose(got, torch.nn.functional.normalize(head(pretrained.backbone(x)), dim=1), atol=1e-3)
         again = build_embedder(EmbedConfig(model="efficientnet_lite0", weights="imagenet"))
         assert torch.equal(again.backbone(x), pretrained.backbone(x))  # the packaged network is untouched
+
+
+def test_serving_rebuilds_it_from_the_model_description(pretrained):
+    """An index's manifest carries embeddings/<key>/_model.json; `--image` queries rebuild the model from it."""
+    from artsim.serving import embedder_for_manifest
+
+    rebuilt = embedder_for_manifest(pretrained.describe(), Storage())
+    assert rebuilt.weights_id == pretrained.weights_id and rebuilt.spec == pretrained.spec
+    images = [crossword(3), grace_hopper()]
+    np.testing.assert_array_equal(rebuilt.embed_pil(images), pretrained.embed_pil(images))
