@@ -99,6 +99,10 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--modes", default="head,finetune")
+    p.add_argument("--strategies", default="shared_terms,text", help="mine strategies (equal weights)")
+    p.add_argument("--learning-rate", type=float, default=1e-3, help="head mode (finetune: 0.3x)")
+    p.add_argument("--validation-fraction", type=float, default=0.2)
+    p.add_argument("--reuse", action="store_true", help="keep ingest/download/embed of an earlier run in --root")
     p.add_argument("--json", default=None, help="write the results here as JSON")
     args = p.parse_args(argv)
 
@@ -124,7 +128,8 @@ def main(argv=None) -> int:
     scrape_mapping = {"local_id": "object_id", "title": "title", "creator": "artist", "date": "date",
                       "medium": "medium", "object_type": "object_type"}
     embed = {"model": args.model, "weights": args.weights, "batch_size": 16}
-    results: dict = {"model": f"{args.model} ({args.weights})", "k": args.k, "split_seed": args.split_seed}
+    results: dict = {"model": f"{args.model} ({args.weights})", "k": args.k, "split_seed": args.split_seed,
+                     "args": vars(args)}
 
     with serve_directory(MET_SAMPLE / "images") as sample_url, serve_directory(MET_MORE / "images") as more_url:
         sources = [
@@ -141,8 +146,9 @@ def main(argv=None) -> int:
                 "sources": sources, "embed": embed,
                 "download": {"image_size": 384, "allow_private_addresses": False, "allow_hosts": ["127.0.0.1"]}}
         ctx = RunContext(config_from_dict(tree))
-        for stage in ("ingest", "download", "embed"):
-            run_stage(ctx, stage)
+        if not (args.reuse and ctx.storage.is_complete(ctx.paths.embeddings(model_key(ctx.config.embed)))):
+            for stage in ("ingest", "download", "embed"):
+                run_stage(ctx, stage)
 
     storage = ctx.storage
     records = {r["object_id"]: r for r in storage.read_table(ctx.paths.records).to_pylist()}
@@ -183,7 +189,8 @@ def main(argv=None) -> int:
     troot = str(Path(args.root) / "train-side")
     ttree = json.loads(json.dumps(tree))
     ttree["run"]["root"] = troot
-    ttree["mine"] = {"num_triplets": args.num_triplets, "strategies": {"shared_terms": 1.0, "text": 1.0},
+    ttree["mine"] = {"num_triplets": args.num_triplets,
+                     "strategies": {name.strip(): 1.0 for name in args.strategies.split(",") if name.strip()},
                      "term_fields": ["subjects", "concepts", "object_type", "medium"]}
     tctx = RunContext(config_from_dict(ttree))
     keep = pa.array(sorted(train_ids), pa.string())
@@ -206,7 +213,8 @@ def main(argv=None) -> int:
         mtree["train"] = {"mode": mode, "name": f"met-{mode}", "num_workers": args.num_workers,
                           "epochs": args.epochs if mode == "head" else args.finetune_epochs,
                           "batch_size": 64 if mode == "head" else 16, "mining": "semi_hard",
-                          "head_dim": 64, "learning_rate": 1e-3 if mode == "head" else 3e-4,
+                          "head_dim": 64, "validation_fraction": args.validation_fraction,
+                          "learning_rate": args.learning_rate if mode == "head" else args.learning_rate * 0.3,
                           "steps_per_epoch": None if mode == "head" else args.finetune_steps}
         mctx = RunContext(config_from_dict(mtree))
         if mctx.storage.exists(mctx.paths.model(f"met-{mode}")):
