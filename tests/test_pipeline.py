@@ -15,7 +15,7 @@ from conftest import REPO
 
 
 def _ctx(root, image_base, extra=()):
-    overrides = [f"run.root={root}", "embed.model=resnet18", "embed.batch_size=16",
+    overrides = [f"run.root={root}", "embed.model=resnet18", "embed.weights=null", "embed.batch_size=16",
                  "index.embeddings=resnet18-similarity", "train.epochs=2",
                  f"sources.0.image_url_template={image_base}/met_{{local_id}}.jpg",
                  f"sources.1.image_url_template={image_base}/met_{{local_id}}.jpg", *extra]
