@@ -219,8 +219,8 @@ class DownloadConfig:
 
 @dataclass
 class EmbedConfig:
-    model: str = "resnet50"  # a torchvision model name
-    weights: Optional[str] = None  # torchvision weights name, artifact URI, or null = random init
+    model: str = "resnet50"  # a torchvision model name, or efficientnet_lite0 (packaged ImageNet weights)
+    weights: Optional[str] = None  # torchvision weights name, imagenet (efficientnet_lite0), artifact URI, or null = random init
     batch_size: int = 32  # images per model call (and per block through the pipeline)
     num_actors: int = 1  # model replicas in the actor pool
     num_gpus: float = 0.0  # per actor; 0 runs on CPU
@@ -303,8 +303,14 @@ class TrainConfig:
     learning_rate: float = 1e-3  # Adam learning rate of the head
     margin: float = 0.2  # triplet margin on cosine distance
     mining: Literal["none", "batch_hard", "semi_hard"] = "none"  # in-batch negative mining
-    head_dim: int = 256  # output dimension of the projection head
-    validation_fraction: float = 0.2  # share of objects held out for validation recall@k
+    head_dim: int = 256  # projection: output dimension; residual: rank of the adapter (output = backbone's)
+    # residual: x + up(down(x)) with up = 0 at start, so epoch 0 is the backbone's own embedding and a run that
+    # cannot beat it exports it unchanged; projection: a (centred) linear/MLP map to head_dim (random at start)
+    head_type: Literal["residual", "projection"] = "residual"
+    # the validation score that picks the exported epoch, on held-out creators: "criteria_and_creator" = mean of
+    # recall@k of the mined criteria and of same-creator works; "criteria" = the mined criteria alone
+    select_by: Literal["criteria_and_creator", "criteria"] = "criteria_and_creator"
+    validation_fraction: float = 0.2  # share of objects held out (whole creators; see docs/similarity.md)
     seed: int = 0  # initial weights, batches and the held-out split
     head_hidden_dims: list[int] = field(default_factory=list)  # [] = linear head; e.g. [512] = one hidden layer
     backbone_learning_rate: Optional[float] = None  # finetune: null = learning_rate / 10

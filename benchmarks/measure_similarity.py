@@ -1,131 +1,266 @@
-"""Measure what triplet training does on the real Met sample (data/met_sample: 80 images, 2 record formats).
+"""Does training help on works by creators it never saw? Real Met works, split by creator.
 
-Runs the real pipeline on a local Ray: ingest -> download (from a loopback server) -> embed (random-init backbone,
-no weights are ever downloaded) -> mine -> train (head mode, then finetune mode) -> embed again with each export.
-Then reports recall@10 of same-creator works and of works sharing a subject tag (Met API tags / 2013 what_terms),
-before and after training, and the time per epoch. Everything is seeded; numbers move only with CPU timing.
+Collection: data/met_sample (80 works) + ../shared/data/met_more (388 works, creators disjoint from met_sample),
+ingested from their four files (Met API JSON and 2013-scrape CSV of each) and downloaded from loopback servers,
+embedded with EfficientNet-Lite0 and its packaged ImageNet weights (no network). The creators are split in two by
+a stable hash (works without a known creator by their id): mine + train see only the *train* side; everything is
+measured on the *test* side, whose creators training never saw:
 
-    .venv/bin/python benchmarks/measure_similarity.py [--model resnet18] [--epochs 5] [--root DIR] [--json OUT]
+- same-creator recall@k: the other works by the query's creator in the top k (recall_at_k);
+- object-type precision@k: the share of the top k with the query's object type (normalised: "Paintings" and
+  "Painting" are one type; the scrape's types are coarse: Metal, Clay, Sculpture, ...);
+- shared-subject precision@k: the share of the top k that shares a subject tag with the query, among the test
+  works that have tags (Met API tags, the 2013 scrape's what_terms).
 
-Read the numbers with care: 80 works, few creators with two or more works, and the training triplets come from
-the same subject tags the "shared subject" recall is computed with, over the same works (transductive). They show
-that the machinery learns what it is given; they are no estimate of quality on a real collection. The held-out
-validation recall (objects never seen in training) is printed too.
+Models side by side: colour histograms (8x8x8 RGB, Hellinger), pretrained (the backbone's features), head
+(`train.mode: head`, residual head by default) and finetune (`train.mode: finetune`, backbone + residual head). The
+train stage picks its exported epoch on held-out creators *of the train side* (never the test side).
+
+    .venv/bin/python benchmarks/measure_similarity.py [--epochs 10] [--finetune-epochs 3] [--json OUT]
+
+Everything is seeded; numbers move only with CPU timing (finetune batches run in threads).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+MET_SAMPLE = REPO / "data" / "met_sample"
+MET_MORE = REPO.parent / "shared" / "data" / "met_more"
+
+
+def normalise_type(value) -> str | None:
+    if not value:
+        return None
+    key = str(value).split(",")[0].strip().casefold()
+    return key[:-1] if key.endswith("s") and len(key) > 3 else key or None
+
+
+def colour_histograms(images: list[bytes], bins: int = 8) -> np.ndarray:
+    """8x8x8 RGB histograms of the 128 px thumbnails, square-rooted (Hellinger) and L2-normalised."""
+    from artsim.models.preprocess import decode_rgb
+
+    out = np.zeros((len(images), bins ** 3), np.float32)
+    for i, data in enumerate(images):
+        img = decode_rgb(data, 128)
+        img.thumbnail((128, 128))
+        px = (np.asarray(img, np.uint16) * bins // 256).reshape(-1, 3)
+        idx = px[:, 0] * bins * bins + px[:, 1] * bins + px[:, 2]
+        out[i] = np.bincount(idx, minlength=bins ** 3)
+    out = np.sqrt(out / out.sum(1, keepdims=True))
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def precision_at_k(vectors: np.ndarray, labels: list[set], k: int, pool: np.ndarray | None = None) -> dict:
+    """Mean share of each query's top k (itself excluded) that shares a label with it; queries and candidates are
+    the items of ``pool`` (all by default) that have labels."""
+    import faiss
+
+    items = np.array([i for i in (range(len(labels)) if pool is None else pool) if labels[i]], dtype=np.int64)
+    if len(items) < 2:
+        return {"precision": float("nan"), "queries": 0, "chance": float("nan")}
+    v = np.ascontiguousarray(vectors[items], dtype=np.float32)
+    index = faiss.IndexFlatIP(v.shape[1])
+    index.add(v)
+    _, hits = index.search(v, min(k + 1, len(items)))
+    scores, chance = [], []
+    for q, row in enumerate(hits):
+        top = [int(h) for h in row if h != q and h >= 0][:k]
+        mine = labels[items[q]]
+        scores.append(np.mean([bool(mine & labels[items[j]]) for j in top]))
+        chance.append(np.mean([bool(mine & labels[items[j]]) for j in range(len(items)) if j != q]))
+    return {"precision": float(np.mean(scores)), "queries": len(items), "chance": float(np.mean(chance))}
+
+
+def side_of(creator: str | None, object_id: str, seed: int) -> str:
+    key = f"creator:{creator}" if creator else f"object:{object_id}"
+    h = int.from_bytes(hashlib.sha256(f"{seed}\x1f{key}".encode()).digest()[:8], "little") / 2.0 ** 64
+    return "train" if h < 0.5 else "test"
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default=str(REPO / "artifacts" / "measure_similarity"))
-    p.add_argument("--model", default="resnet18", help="torchvision backbone (random init)")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--image-size", type=int, default=128, help="crop side fed to the backbone")
+    p.add_argument("--model", default="efficientnet_lite0")
+    p.add_argument("--weights", default="imagenet")
+    p.add_argument("--epochs", type=int, default=10, help="head mode epochs")
+    p.add_argument("--finetune-epochs", type=int, default=3)
     p.add_argument("--finetune-steps", type=int, default=8, help="batches per worker and epoch in finetune mode")
+    p.add_argument("--num-triplets", type=int, default=20000)
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--k", type=int, default=10)
+    p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--modes", default="head,finetune")
+    p.add_argument("--strategies", default="shared_terms,text", help="mine strategies (equal weights)")
+    p.add_argument("--learning-rate", type=float, default=1e-3, help="head mode (finetune: 0.3x)")
+    p.add_argument("--validation-fraction", type=float, default=0.2)
+    p.add_argument("--reuse", action="store_true", help="keep ingest/download/embed of an earlier run in --root")
     p.add_argument("--json", default=None, help="write the results here as JSON")
     args = p.parse_args(argv)
 
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from artsim.config import config_from_dict, load_config
+    import torch
+
+    from artsim.config import EmbedConfig, config_from_dict
     from artsim.console import say, table
     from artsim.demo import serve_directory
+    from artsim.models.artifact import build_embedder, build_head, load_artifact
     from artsim.rundir.names import model_key
     from artsim.pipeline import run_stage
     from artsim.runtime import RunContext
-    from artsim.mine.corpus import normalise_creator, normalise_term
+    from artsim.mine.corpus import normalise_term
+    from artsim.rundir.names import normalise_creator
     from artsim.train.evaluate import chance_recall_at_k, recall_at_k, relevance_from_labels
     from artsim.rundir.embeddings import load_embedding_matrix
 
     started = time.perf_counter()
-    base = load_config(REPO / "configs" / "demo.yaml")
-    tree = base.to_dict()
-    tree["run"]["root"] = args.root
-    tree["ray"]["num_cpus"] = max(2, args.num_workers)
-    tree["embed"].update(model=args.model, weights=None, image_size=args.image_size)
-    tree["train"].update(epochs=args.epochs, num_workers=args.num_workers)
-    results: dict = {"model": args.model, "epochs": args.epochs, "k": args.k}
+    if not MET_MORE.exists():
+        say(f"{MET_MORE} not found: this benchmark needs the shared met_more data")
+        return 2
+    scrape_mapping = {"local_id": "object_id", "title": "title", "creator": "artist", "date": "date",
+                      "medium": "medium", "object_type": "object_type"}
+    embed = {"model": args.model, "weights": args.weights, "batch_size": 16}
+    results: dict = {"model": f"{args.model} ({args.weights})", "k": args.k, "split_seed": args.split_seed,
+                     "args": vars(args)}
 
-    with serve_directory(REPO / "data" / "met_sample" / "images") as base_url:
-        for i, source in enumerate(tree["sources"]):
-            source["image_url_template"] = f"{base_url}/met_{{local_id}}.jpg"
+    with serve_directory(MET_SAMPLE / "images") as sample_url, serve_directory(MET_MORE / "images") as more_url:
+        sources = [
+            {"kind": "met_api_json", "path": str(MET_SAMPLE / "met_api_objects.json"), "collection": "met"},
+            {"kind": "table", "path": str(MET_SAMPLE / "met_2013_scrape.csv"), "collection": "met2013",
+             "license": "CC0", "mapping": {**scrape_mapping, "subjects": "what_terms"}},
+            {"kind": "met_api_json", "path": str(MET_MORE / "met_api_objects.json"), "collection": "metmore"},
+            {"kind": "table", "path": str(MET_MORE / "met_2013_scrape.csv"), "collection": "metmore2013",
+             "license": "CC0", "mapping": scrape_mapping},
+        ]
+        for source, url in zip(sources, [sample_url, sample_url, more_url, more_url]):
+            source["image_url_template"] = f"{url}/met_{{local_id}}.jpg"
+        tree = {"run": {"root": str(Path(args.root) / "all")}, "ray": {"num_cpus": max(2, args.num_workers)},
+                "sources": sources, "embed": embed,
+                "download": {"image_size": 384, "allow_private_addresses": False, "allow_hosts": ["127.0.0.1"]}}
         ctx = RunContext(config_from_dict(tree))
-        for stage in ("ingest", "download", "embed"):
-            run_stage(ctx, stage)
-    run_stage(ctx, "mine")
-    results["mine"] = ctx.storage.read_json(f"{ctx.paths.triplets}/_report.json")
+        if not (args.reuse and ctx.storage.is_complete(ctx.paths.embeddings(model_key(ctx.config.embed)))):
+            for stage in ("ingest", "download", "embed"):
+                run_stage(ctx, stage)
 
-    records = {r["object_id"]: r for r in ctx.storage.read_table(ctx.paths.records).to_pylist()}
+    storage = ctx.storage
+    records = {r["object_id"]: r for r in storage.read_table(ctx.paths.records).to_pylist()}
+    images_table = storage.read_table(ctx.paths.images)
+    images = {r["object_id"]: r["image"] for r in images_table.select(["object_id", "status", "image"]).to_pylist()
+              if r["status"] == "ok" and r["image"]}
+    ids, pretrained = load_embedding_matrix(storage, ctx.paths.embeddings(model_key(ctx.config.embed)))
+    side = {o: side_of(normalise_creator(records[o].get("creator")), o, args.split_seed) for o in ids}
+    test_ids = [o for o in ids if side[o] == "test"]
+    train_ids = set(o for o in ids if side[o] == "train")
+    test_pos = np.array([ids.index(o) for o in test_ids])
+    creators = [normalise_creator(records[o].get("creator")) for o in test_ids]
+    types = [normalise_type(records[o].get("object_type")) for o in test_ids]
+    subjects = [{normalise_term(s) for s in (records[o].get("subjects") or []) if s} for o in test_ids]
+    creator_rel = relevance_from_labels([[c] if c else [] for c in creators])
+    results["split"] = {"works": len(ids), "train_works": len(train_ids), "test_works": len(test_ids),
+                        "train_creators": len({normalise_creator(records[o].get("creator")) for o in train_ids} - {None}),
+                        "test_creators": len(set(creators) - {None}),
+                        "test_same_creator_queries": sum(1 for r in creator_rel if r),
+                        "test_works_with_tags": sum(1 for s in subjects if s)}
 
-    def measure(key: str) -> dict:
-        ids, vectors = load_embedding_matrix(ctx.storage, ctx.paths.embeddings(key))
-        creators = [[normalise_creator(records[o].get("creator"))] if normalise_creator(
-            records[o].get("creator")) else [] for o in ids]
-        subjects = [[normalise_term(s) for s in (records[o].get("subjects") or [])] for o in ids]
-        out = {"objects": len(ids)}
-        for name, labels in (("same_creator", creators), ("shared_subject", subjects)):
-            rel = relevance_from_labels(labels)
-            r = recall_at_k(vectors, rel, args.k)
-            out[name] = {"recall": round(r["recall"], 4), "queries": r["queries"],
-                         "chance": round(chance_recall_at_k(rel, args.k), 4)}
-        return out
+    def measure(vectors: np.ndarray) -> dict:
+        r = recall_at_k(vectors, creator_rel, args.k)
+        t = precision_at_k(vectors, [{x} if x else set() for x in types], args.k)
+        s = precision_at_k(vectors, subjects, args.k)
+        return {"same_creator_recall": r["recall"], "object_type_precision": t["precision"],
+                "shared_subject_precision": s["precision"], "queries": [r["queries"], t["queries"], s["queries"]],
+                "chance": [chance_recall_at_k(creator_rel, args.k), t["chance"], s["chance"]]}
 
-    untrained_key = model_key(ctx.config.embed)
-    results["untrained"] = measure(untrained_key)
+    test_images = [images[o] for o in test_ids]
+    models = {"colour histogram": measure(colour_histograms(test_images)),
+              "pretrained": measure(pretrained[test_pos])}
+
+    # The train side only: its records, images and cached embeddings in a run directory of its own.
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    troot = str(Path(args.root) / "train-side")
+    ttree = json.loads(json.dumps(tree))
+    ttree["run"]["root"] = troot
+    ttree["mine"] = {"num_triplets": args.num_triplets,
+                     "strategies": {name.strip(): 1.0 for name in args.strategies.split(",") if name.strip()},
+                     "term_fields": ["subjects", "concepts", "object_type", "medium"]}
+    tctx = RunContext(config_from_dict(ttree))
+    keep = pa.array(sorted(train_ids), pa.string())
+    tctx.storage.write_table(storage.read_table(ctx.paths.records).filter(
+        pc.is_in(pc.field("object_id"), value_set=keep)), tctx.paths.records)
+    tctx.storage.write_table(images_table.filter(pc.is_in(pc.field("object_id"), value_set=keep)), tctx.paths.images)
+    key = model_key(ctx.config.embed)
+    emb = storage.read_table(ctx.paths.embeddings(key))
+    tctx.storage.write_table(emb.filter(pc.is_in(pc.field("object_id"), value_set=keep)), tctx.paths.embeddings(key))
+    tctx.storage.write_json(f"{tctx.paths.embeddings(key)}/_model.json",
+                            storage.read_json(f"{ctx.paths.embeddings(key)}/_model.json"))
+    mine = run_stage(tctx, "mine")
+    mine_report = tctx.storage.read_json(f"{tctx.paths.triplets}/_report.json")
+    results["mine"] = {"triplets": mine.get("triplets"), "per_strategy": {
+        name: s.get("mined", s.get("count")) for name, s in (mine_report.get("strategies") or {}).items()}}
+
+    training = {}
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
-        mtree = json.loads(json.dumps(tree))
-        mtree["train"].update(mode=mode, name=f"met-{mode}", batch_size=32,
-                              learning_rate=1e-3 if mode == "head" else 3e-4,
-                              steps_per_epoch=None if mode == "head" else args.finetune_steps)
+        mtree = json.loads(json.dumps(ttree))
+        mtree["train"] = {"mode": mode, "name": f"met-{mode}", "num_workers": args.num_workers,
+                          "epochs": args.epochs if mode == "head" else args.finetune_epochs,
+                          "batch_size": 64 if mode == "head" else 16, "mining": "semi_hard",
+                          "head_dim": 64, "validation_fraction": args.validation_fraction,
+                          "learning_rate": args.learning_rate if mode == "head" else args.learning_rate * 0.3,
+                          "steps_per_epoch": None if mode == "head" else args.finetune_steps}
         mctx = RunContext(config_from_dict(mtree))
         if mctx.storage.exists(mctx.paths.model(f"met-{mode}")):
             mctx.storage.delete(mctx.paths.model(f"met-{mode}"))  # measure a fresh run, not a resumed one
         t0 = time.perf_counter()
         summary = run_stage(mctx, "train")
         seconds = time.perf_counter() - t0
-        etree = json.loads(json.dumps(mtree))
-        etree["embed"]["weights"] = summary["export"]
-        ectx = RunContext(config_from_dict(etree))
-        run_stage(ectx, "embed")
-        results[mode] = {**measure(model_key(ectx.config.embed)),
-                         "epoch_seconds_mean": round(summary["epoch_seconds_mean"], 2),
-                         "train_stage_seconds": round(seconds, 1),
-                         f"val_recall@{mtree['train']['recall_k']}_untrained": summary[
-                             f"val_recall@{mtree['train']['recall_k']}_untrained"],
-                         f"val_recall@{mtree['train']['recall_k']}": summary[f"val_recall@{mtree['train']['recall_k']}"],
-                         "train_triplets": summary["data"]["train_triplets"],
-                         "validation_objects": summary["data"]["validation_objects"]}
+        if mode == "head":
+            spec, _, head_state, _ = load_artifact(mctx.storage, summary["export"])
+            head = build_head(spec.head)
+            head.load_state_dict(head_state)
+            with torch.no_grad():
+                vectors = torch.nn.functional.normalize(head(torch.from_numpy(pretrained[test_pos])), dim=1).numpy()
+        else:
+            embedder = build_embedder(EmbedConfig(model=args.model, weights=summary["export"]), mctx.storage)
+            vectors = np.concatenate([embedder.embed_bytes(test_images[i:i + 32])
+                                      for i in range(0, len(test_images), 32)])
+        models[mode] = measure(vectors)
+        training[mode] = {"seconds": round(seconds, 1), "validation": summary["validation"],
+                          "exported_epoch": summary["exported_epoch"], "verdict": summary["verdict"],
+                          "train_triplets": summary["data"]["train_triplets"],
+                          "held_out_groups": summary["data"].get("held_out_groups")}
 
-    rows = []
-    for name in ["untrained"] + [m for m in ("head", "finetune") if m in results]:
-        r = results[name]
-        rows.append((name, r["same_creator"]["recall"], r["shared_subject"]["recall"],
-                     r.get("val_recall@10", "-") if name != "untrained" else "-",
-                     r.get("epoch_seconds_mean", "-")))
-    say(f"Met sample, {args.model} (random init), {args.epochs} epochs, {args.num_workers} workers, "
-        f"{results['mine']['mined']} triplets mined; chance recall@{args.k}: same creator "
-        f"{results['untrained']['same_creator']['chance']}, shared subject {results['untrained']['shared_subject']['chance']}")
-    table(["model", f"recall@{args.k} same creator", f"recall@{args.k} shared subject",
-           "held-out val recall@10", "s/epoch"], rows)
+    results["models"] = models
+    results["training"] = training
+    rows = [(name, round(m["same_creator_recall"], 3), round(m["object_type_precision"], 3),
+             round(m["shared_subject_precision"], 3)) for name, m in models.items()]
+    chance = models["pretrained"]["chance"]
+    rows.append(("chance", round(chance[0], 3), round(chance[1], 3), round(chance[2], 3)))
+    say(f"Met sample + met_more, split by creator: train side {results['split']['train_works']} works "
+        f"({results['split']['train_creators']} creators), measured on the test side: "
+        f"{results['split']['test_works']} works by {results['split']['test_creators']} other creators; "
+        f"triplets mined on the train side per strategy: {results['mine']['per_strategy']}")
+    table(["model", f"same-creator recall@{args.k}", f"object-type precision@{args.k}",
+           f"shared-subject precision@{args.k}"], rows)
+    for mode, t in training.items():
+        say(f"{mode}: {t['verdict']} (train-side validation score start {t['validation']['start']['val_score']}, "
+            f"best {t['validation']['best']['val_score']}, last {t['validation']['last']['val_score']}; "
+            f"{t['seconds']} s)")
     results["seconds"] = round(time.perf_counter() - started, 1)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
         say(f"results in {args.json}")
-    say(f"plots: {ctx.paths.model('met-head')}/recall.png, {ctx.paths.model('met-finetune')}/recall.png")
     return 0
 
 

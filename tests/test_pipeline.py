@@ -15,7 +15,7 @@ from conftest import REPO
 
 
 def _ctx(root, image_base, extra=()):
-    overrides = [f"run.root={root}", "embed.model=resnet18", "embed.batch_size=16",
+    overrides = [f"run.root={root}", "embed.model=resnet18", "embed.weights=null", "embed.batch_size=16",
                  "index.embeddings=resnet18-similarity", "train.epochs=2",
                  f"sources.0.image_url_template={image_base}/met_{{local_id}}.jpg",
                  f"sources.1.image_url_template={image_base}/met_{{local_id}}.jpg", *extra]
@@ -32,8 +32,13 @@ def _check_run(ctx, result):
     assert images.column("status").to_pylist().count("ok") == 80
     index_uri = result["stages"]["index"]["index_uri"]
     manifest = json.loads(storage.read_text(index_uri.rstrip("/") + "/manifest.json"))
-    # the index holds the trained model's vectors (train, head mode, projected the collection)
-    assert manifest["ntotal"] == 80 and manifest["dim"] == ctx.config.train.head_dim
+    # the index holds the trained model's vectors (train, head mode, projected the collection); the default head
+    # is residual, so they keep the backbone's dimension
+    from artsim.models.artifact import load_artifact
+
+    export_spec = load_artifact(storage, result["stages"]["train"]["export"])[0]
+    assert export_spec.head["type"] == "residual" and export_spec.output_dim == export_spec.feature_dim
+    assert manifest["ntotal"] == 80 and manifest["dim"] == export_spec.output_dim
     links = storage.read_table(result["stages"]["links"].get("links_uri") or paths.links(index_uri.rstrip("/").rsplit("/", 1)[-1]))
     # every object is linked to k works of the *other* collection
     assert links.num_rows == 80 * ctx.config.links.k

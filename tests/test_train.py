@@ -243,7 +243,8 @@ def _head_run_setup(root, epochs: int, batch_size: int):
     tree = {"run": {"root": str(root)}, "embed": {"model": "resnet18"},
             "mine": {"num_triplets": 4000, "strategies": {"shared_terms": 1}, "term_fields": ["subjects"]},
             "train": {"epochs": epochs, "num_workers": 2, "head_dim": 64, "batch_size": batch_size,
-                      "learning_rate": 0.01, "mining": "semi_hard"}}
+                      "learning_rate": 0.01, "mining": "semi_hard", "head_type": "projection",
+                      "select_by": "criteria"}}
     ctx = RunContext(config_from_dict(tree))
     vectors = factor_embeddings(records)
     ctx.storage.write_table(records_table(records), ctx.paths.records)
@@ -378,7 +379,9 @@ def test_finetune_on_images_with_checkpoints_on_s3(ray_session, s3_endpoint):
         "embed": {"model": "shufflenet_v2_x0_5", "image_size": 64},
         "mine": {"num_triplets": 300, "strategies": {"shared_terms": 1}, "term_fields": ["subjects"]},
         "train": {"mode": "finetune", "epochs": 2, "num_workers": 1, "cpus_per_worker": 2, "batch_size": 32,
-                  "head_dim": 32, "learning_rate": 0.003, "name": "ft"}}))
+                  "head_dim": 32, "learning_rate": 0.003, "name": "ft", "head_type": "projection",
+                  # no validation set: nothing to pick an epoch by, so the last (trained) epoch is exported
+                  "validation_fraction": 0.0}}))
     images = [encode_jpeg(render_image(r, spec), 90) for r in records]
     rows = [{"object_id": r["object_id"], "status": "ok", "http_status": 200, "error": None, "url_final": None,
              "width": 64, "height": 64, "sha256": None, "image": b} for r, b in zip(records, images)]
@@ -388,6 +391,7 @@ def test_finetune_on_images_with_checkpoints_on_s3(ray_session, s3_endpoint):
     run_mine(ctx)
     summary = run_train(ctx)
     assert summary["epochs"] == 2 and summary["mode"] == "finetune"
+    assert summary["exported_epoch"] == 2 and "no validation set" in summary["verdict"]
     keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(
         Bucket="artsim-test", Prefix=root[len("s3://artsim-test/"):] + "/models/ft/")["Contents"]]
     assert any("/checkpoint_" in k and k.endswith("model.safetensors") for k in keys)

@@ -11,24 +11,13 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from artsim.rundir.names import collection_of
+from artsim.rundir.names import collection_of, normalise_creator
 from artsim.rundir.sample import sample_rows, stream_batches
 
 # Term fields and how a reason names them ("shared subject: horses").
 TERM_FIELDS = {"subjects": "subject", "concepts": "concept", "object_type": "object type", "medium": "medium"}
-# Creator values that name nobody in particular; two such works are not "by the same creator".
-UNKNOWN_CREATORS = frozenset({"", "unknown", "anonymous", "unidentified artist", "unidentified", "n/a", "none"})
-
-
 def normalise_term(value: str) -> str:
     return " ".join(str(value).split()).casefold()
-
-
-def normalise_creator(value: Optional[str]) -> Optional[str]:
-    if value is None:
-        return None
-    key = " ".join(str(value).split()).casefold()
-    return None if key in UNKNOWN_CREATORS else key
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch.nn as nn
 
+from artsim.models import efficientnet_lite as _lite
 from artsim.errors import ArtsimError, ConfigError, IntegrityError
 from artsim.rundir.names import is_artifact_uri, model_key
 from artsim.storage import Storage, join
@@ -147,21 +148,47 @@ class CenteredHead(nn.Module):
         return self.layers(nn.functional.normalize(x, dim=1) - self.mean)
 
 
+class ResidualHead(nn.Module):
+    """x + up(down(x)): a low-rank residual adapter whose ``up`` starts at zero, so an untrained head is exactly
+    the identity and training starts from the backbone's own embedding (epoch 0 == the pretrained model). Linear
+    and bias-free, so it commutes with L2 normalisation like the other heads."""
+
+    def __init__(self, dim: int, rank: int):
+        super().__init__()
+        self.down = nn.Linear(dim, rank, bias=False)
+        self.up = nn.Linear(rank, dim, bias=False)
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, x):
+        return x + self.up(self.down(x))
+
+
 def build_head(head: dict):
     """The projection head described by ``head`` (an nn.Module; state_dict keys are stable across versions).
 
     - ``{"type": "linear", "in_dim": 2048, "out_dim": 256}``
     - ``{"type": "mlp", "in_dim": 2048, "hidden_dims": [512], "out_dim": 256}`` (Linear-ReLU per hidden layer)
+    - ``{"type": "residual", "in_dim": 1280, "rank": 64, "out_dim": 1280}`` (identity at init, see ResidualHead)
     Optional ``"bias": false`` (default true) and ``"center": true`` (see :class:`CenteredHead`; its ``mean``
     buffer is part of the state dict).
     """
     if not isinstance(head, dict):
         raise ArtsimError(f"head: expected a mapping, got {head!r}")
     kind = head.get("type")
+    if kind == "residual":  # {"type": "residual", "in_dim": d, "rank": r, "out_dim": d} (see ResidualHead)
+        unknown = set(head) - {"type", "in_dim", "rank", "out_dim"}
+        if unknown:
+            raise ArtsimError(f"head: unknown fields {sorted(unknown)} for type residual")
+        dims = [head.get("in_dim"), head.get("rank"), head.get("out_dim")]
+        if not all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 1_000_000 for d in dims):
+            raise ArtsimError(f"head: dimensions must be positive integers, got {dims!r}")
+        if head["out_dim"] != head["in_dim"]:
+            raise ArtsimError("head: a residual head has out_dim == in_dim")
+        return ResidualHead(head["in_dim"], head["rank"])
     allowed = {"linear": {"type", "in_dim", "out_dim", "bias", "center"},
                "mlp": {"type", "in_dim", "hidden_dims", "out_dim", "bias", "center"}}
     if kind not in allowed:
-        raise ArtsimError(f"head.type: expected one of {sorted(allowed)}, got {kind!r}")
+        raise ArtsimError(f"head.type: expected one of {sorted(allowed) + ['residual']}, got {kind!r}")
     unknown = set(head) - allowed[kind]
     if unknown:
         raise ArtsimError(f"head: unknown fields {sorted(unknown)} for type {kind}")
@@ -400,6 +427,9 @@ def fetch_torchvision_state(url: str, timeout_s: float = DOWNLOAD_TIMEOUT_S) -> 
 
 def backbone_spec(model: str, weights: Optional[str], seed: int, image_size: Optional[int] = None) -> ModelSpec:
     """The spec of a bare backbone (no head) from a torchvision name and weights name (or None for random init)."""
+    if _lite.is_lite_model(model):  # packaged EfficientNet-Lite (efficientnet_lite.py)
+        return ModelSpec(**_lite.backbone_spec_fields(model, weights, seed, image_size), feature_dim=0, head=None,
+                         output_dim=0, includes_backbone_weights=False)
     resize_ratio = 1.0
     mean, std, size = IMAGENET_MEAN, IMAGENET_STD, DEFAULT_IMAGE_SIZE
     weights_name = None
@@ -421,11 +451,16 @@ def backbone_spec(model: str, weights: Optional[str], seed: int, image_size: Opt
 
 def build_backbone(spec: ModelSpec, backbone_state: Optional[dict] = None):
     """Rebuild the headless backbone a spec describes; returns (module in eval mode, feature_dim)."""
-    model = _new_backbone(spec.backbone, spec.backbone_seed or 0, spec.image_size)
-    if backbone_state is None and spec.backbone_weights:
-        entry = torchvision_weights(spec.backbone, spec.backbone_weights)
-        model.load_state_dict(fetch_torchvision_state(entry.url), strict=True)
-    feature_dim = strip_classifier(model)
+    if _lite.is_lite_model(spec.backbone):  # packaged EfficientNet-Lite (efficientnet_lite.py)
+        model, feature_dim = _lite.build_backbone(spec.backbone, spec.backbone_weights, spec.backbone_seed or 0,
+                                                  spec.image_size, backbone_state)
+        backbone_state = None
+    else:
+        model = _new_backbone(spec.backbone, spec.backbone_seed or 0, spec.image_size)
+        if backbone_state is None and spec.backbone_weights:
+            entry = torchvision_weights(spec.backbone, spec.backbone_weights)
+            model.load_state_dict(fetch_torchvision_state(entry.url), strict=True)
+        feature_dim = strip_classifier(model)
     if backbone_state is not None:
         try:
             model.load_state_dict(backbone_state, strict=True)
@@ -547,6 +582,9 @@ def _load_checked_artifact(embed_cfg, storage: Storage, image_size: Optional[int
 
 
 def _torchvision_weights_id(embed_cfg) -> str:
+    if _lite.is_lite_model(embed_cfg.model):  # packaged EfficientNet-Lite (efficientnet_lite.py)
+        weights = _lite.check_weights_name(embed_cfg.model, embed_cfg.weights)
+        return _lite.weights_id(embed_cfg.model, weights, embed_cfg.seed)
     if embed_cfg.weights is None:
         return f"random-init-seed-{embed_cfg.seed}"
     entry = torchvision_weights(embed_cfg.model, embed_cfg.weights)
@@ -568,6 +606,11 @@ def describe_model(embed_cfg, storage: Optional[Storage] = None,
         spec, _, _, weights_id = _load_checked_artifact(embed_cfg, storage, image_size)
         return spec, weights_id
     spec = backbone_spec(embed_cfg.model, embed_cfg.weights, embed_cfg.seed, image_size)
+    if _lite.is_lite_model(spec.backbone):  # packaged EfficientNet-Lite: the file is local, or a clear error
+        if spec.backbone_weights:
+            _lite.weights_path()
+        spec.feature_dim = spec.output_dim = _lite.FEATURE_DIM
+        return spec, _torchvision_weights_id(embed_cfg)
     if spec.backbone_weights:
         download_torchvision_checkpoint(torchvision_weights(spec.backbone, spec.backbone_weights).url)
     with torch.device("meta"):  # shapes only: no memory, no initialisation work

@@ -75,6 +75,9 @@ def run_report(ctx) -> dict:
                                   sample, vector_ids, meta)]
     if images_report:
         sections.append(_download_section(images_report))
+    training = read_json_or_none(storage, join(paths.model(ctx.config.train.name), "history.json"))
+    if isinstance(training, dict) and isinstance(training.get("validation"), dict):
+        sections.append(_training_section(training))
     if has_vectors:
         sections.append(_map_section(vectors, vector_ids, meta, thumbs))
         sections.append(_cluster_section(vectors, vector_ids, meta, thumbs))
@@ -183,6 +186,28 @@ def _overview_section(ctx, records_read, images_report, ingest_report, embedding
 
 def _where(uri, stage: str) -> str:
     return f"<code>{html.escape(uri)}</code>" if uri else f"none yet (run the {stage} stage)"
+
+
+def _training_section(summary: dict) -> str:
+    """Start / best / last validation scores of the train stage (models/<name>/history.json) and which was
+    exported: a reader sees at once whether training helped on creators it never saw."""
+    v = summary["validation"]
+    rows = ""
+    for name in ("start", "best", "last"):
+        row = v.get(name) or {}
+        cells = [name, row.get("epoch")] + [row.get(key) for key in sorted(row) if key.startswith("val_")]
+        rows += "<tr>" + "".join(f"<td>{html.escape(_cell(c))}</td>" for c in cells) + "</tr>"
+    heads = sorted(k for k in (v.get("start") or {}) if k.startswith("val_"))
+    header = "".join(f"<th>{html.escape(h)}</th>" for h in ["", "epoch"] + heads)
+    return (f"<h2>Training ({html.escape(str(summary.get('mode')))} mode, {html.escape(str(summary.get('head')))} "
+            f"head)</h2><p>Validation on held-out {html.escape(str(v.get('split')))}s, never trained on. "
+            f"{html.escape(str(summary.get('verdict', '')))}.</p><table>{header}{rows}</table>")
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}" if value == value else "-"
+    return "-" if value is None else str(value)
 
 
 def _download_section(report: dict) -> str:

@@ -63,6 +63,19 @@ def links_name(ctx) -> str:
     return ctx.config.links.name or index_name(ctx)
 
 
+# Creator values that name nobody in particular; two such works are not "by the same creator".
+UNKNOWN_CREATORS = frozenset({"", "unknown", "anonymous", "unidentified artist", "unidentified", "n/a", "none"})
+
+
+def normalise_creator(value: Optional[str]) -> Optional[str]:
+    """A creator as a grouping key (whitespace and case folded); None for no one in particular. Mining's
+    same-creator strategy and training's held-out creators both group works by it."""
+    if value is None:
+        return None
+    key = " ".join(str(value).split()).casefold()
+    return None if key in UNKNOWN_CREATORS else key
+
+
 def collection_of(object_id: str, collection: Optional[str] = None) -> str:
     """A work's collection: the record's ``collection`` when set, else the ``<collection>:`` prefix of its
     object_id ("" when it has none)."""

@@ -1,6 +1,10 @@
 """Training data for the train stage: triplets as index arrays, a held-out split, validation groups (no Ray).
 
-The split is by *object*: a stable hash of (seed, object_id) holds out ``validation_fraction`` of the objects.
+The split is by *group*: with ``groups`` (object_id -> creator, what the train stage passes), whole creators are
+held out (works without a known creator are each their own group), so validation measures whether training
+generalises to creators it never saw, not whether it memorised works of creators it trained on. Groups are taken
+in the order of a stable hash of (seed, group) until ``validation_fraction`` of the objects is held out. Without
+``groups`` a stable hash of (seed, object_id) holds out objects one by one (kept for callers without metadata).
 Training triplets use no held-out object at all; validation triplets have a held-out anchor and positive. The
 validation groups come from the validation triplets' reasons ("shared subject: horses" -> every held-out anchor
 and positive with that reason is one group), so recall@k measures whether unseen works land near the works a
@@ -27,6 +31,28 @@ def held_out_mask(object_ids: Sequence[str], fraction: float, seed: int) -> np.n
     return np.array([unit(o) < fraction for o in object_ids], dtype=bool)
 
 
+def held_out_groups_mask(object_ids: Sequence[str], groups: dict, fraction: float, seed: int) -> np.ndarray:
+    """Hold out whole groups (creators): in stable-hash order of (seed, group) until ``fraction`` of the objects
+    are held out; at least one group is held out and at least one kept when there are two or more."""
+    keys = [groups.get(o) or f"\x00object:{o}" for o in object_ids]  # unknown creator: the work alone
+    sizes: dict[str, int] = defaultdict(int)
+    for k in keys:
+        sizes[k] += 1
+
+    def rank(key: str) -> bytes:
+        return hashlib.sha256(f"{seed}\x1fgroup\x1f{key}".encode("utf-8")).digest()
+
+    held: set = set()
+    target, count = fraction * len(object_ids), 0
+    ordered = sorted(sizes, key=rank)
+    for key in ordered[:-1] if len(ordered) > 1 else []:
+        if count >= target:
+            break
+        held.add(key)
+        count += sizes[key]
+    return np.array([k in held for k in keys], dtype=bool)
+
+
 def group_key(reason: str) -> str:
     """The criterion part of a reason ("shared subject: x; hard negative (...)" -> "shared subject: x")."""
     return reason.split(";", 1)[0].strip()
@@ -43,6 +69,9 @@ class TrainingData:
     val_anchors: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # validation triplets
     val_positives: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     val_negatives: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    # held-out objects whose (held-out) creator has two or more of them, and their same-creator relevance
+    val_creator_objects: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    val_creator_relevance: list = field(default_factory=list)
     stats: dict = field(default_factory=dict)
 
     @property
@@ -52,8 +81,12 @@ class TrainingData:
 
 def prepare_training_data(anchor_ids: Sequence[str], positive_ids: Sequence[str], negative_ids: Sequence[str],
                           reasons: Sequence[str], available: Optional[set] = None,
-                          validation_fraction: float = 0.2, seed: int = 0) -> TrainingData:
-    """Index arrays for the triplets whose three objects are all ``available`` (have an embedding / an image)."""
+                          validation_fraction: float = 0.2, seed: int = 0,
+                          groups: Optional[dict] = None) -> TrainingData:
+    """Index arrays for the triplets whose three objects are all ``available`` (have an embedding / an image).
+
+    ``groups``: object_id -> creator (normalised; None/absent = unknown); held out whole (module docstring)."""
+    creator_of = groups  # (the name ``groups`` is reused below for the validation groups of triplet reasons)
     total = len(anchor_ids)
     keep = [i for i in range(total) if available is None
             or (anchor_ids[i] in available and positive_ids[i] in available and negative_ids[i] in available)]
@@ -64,8 +97,12 @@ def prepare_training_data(anchor_ids: Sequence[str], positive_ids: Sequence[str]
     a = np.array([index[anchor_ids[i]] for i in keep], dtype=np.int64)
     p = np.array([index[positive_ids[i]] for i in keep], dtype=np.int64)
     n = np.array([index[negative_ids[i]] for i in keep], dtype=np.int64)
-    held = held_out_mask(object_ids, validation_fraction, seed) if validation_fraction > 0 else \
-        np.zeros(len(object_ids), bool)
+    if validation_fraction <= 0:
+        held = np.zeros(len(object_ids), bool)
+    elif creator_of is not None:
+        held = held_out_groups_mask(object_ids, creator_of, validation_fraction, seed)
+    else:
+        held = held_out_mask(object_ids, validation_fraction, seed)
     train = ~held[a] & ~held[p] & ~held[n]
     val = held[a] & held[p]
     if not train.any():
@@ -83,11 +120,28 @@ def prepare_training_data(anchor_ids: Sequence[str], positive_ids: Sequence[str]
     for members in groups.values():
         for o in members:
             relevance[position[o]].update(position[m] for m in members if m != o)
+    # Same-creator relevance among held-out works: does the model keep a creator's works together (a thing a
+    # pretrained network does well and metadata-mined triplets can undo)?
+    by_creator: dict[str, list] = defaultdict(list)
+    for j in np.flatnonzero(held):
+        creator = (creator_of or {}).get(object_ids[j])
+        if creator:
+            by_creator[creator].append(int(j))
+    creator_objects = np.array(sorted(j for m in by_creator.values() if len(m) > 1 for j in m), dtype=np.int64)
+    creator_position = {int(o): i for i, o in enumerate(creator_objects)}
+    creator_relevance = [set() for _ in creator_objects]
+    for members in by_creator.values():
+        if len(members) > 1:
+            for o in members:
+                creator_relevance[creator_position[o]].update(creator_position[m] for m in members if m != o)
+    held_groups = {(creator_of or {}).get(object_ids[j]) or object_ids[j] for j in np.flatnonzero(held)}
     return TrainingData(
         object_ids=object_ids, anchors=a[train], positives=p[train], negatives=n[train],
         val_objects=val_objects, val_relevance=relevance,
         val_anchors=a[val], val_positives=p[val], val_negatives=n[val],
-        stats={"triplets": total, "usable": len(keep), "unavailable": total - len(keep),
+        val_creator_objects=creator_objects, val_creator_relevance=creator_relevance,
+        stats={"split": "creator" if creator_of is not None else "object", "held_out_groups": len(held_groups),
+               "validation_creator_objects": len(creator_objects),"triplets": total, "usable": len(keep), "unavailable": total - len(keep),
                "train_triplets": int(train.sum()), "validation_triplets": int(val.sum()),
                "held_out_objects": int(held.sum()), "validation_objects": len(val_objects),
                "validation_groups": len(groups)})

@@ -15,7 +15,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def head_description(in_dim: int, out_dim: int, hidden_dims: list[int], center: bool = False) -> dict:
+def head_description(in_dim: int, out_dim: int, hidden_dims: list[int], center: bool = False,
+                     head_type: str = "projection") -> dict:
+    """The head spec for train.head_type; for "residual", ``out_dim`` (train.head_dim) is the adapter's rank."""
+    if head_type == "residual":
+        return {"type": "residual", "in_dim": in_dim, "rank": min(out_dim, in_dim), "out_dim": in_dim}
     head = {"type": "linear", "in_dim": in_dim, "out_dim": out_dim, "bias": False}
     if hidden_dims:
         head = {"type": "mlp", "in_dim": in_dim, "hidden_dims": list(hidden_dims), "out_dim": out_dim, "bias": False}

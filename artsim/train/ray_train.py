@@ -4,7 +4,9 @@ epoch to run storage, restart from the last checkpoint after a worker failure, r
 Checkpoint directory (nothing in it is pickled):
     model.safetensors   the trainable module's state ("head.*", and "backbone.*" in finetune mode)
     optimizer.pt        the optimizer state, read back with torch.load(weights_only=True)
-    state.json          {"epoch", "history" (metrics per epoch, epoch 0 = untrained), "sessions", "fingerprint"}
+    best.safetensors    the state of the best epoch so far by validation score (epoch 0, the start, included)
+    state.json          {"epoch", "history" (metrics per epoch, epoch 0 = untrained), "sessions", "fingerprint",
+                         "best_epoch"}
 
 Everything the loop needs arrives in ``config``: plain values, plus an ObjectRef to the prepared TrainingData and
 its features or image bytes (put in the object store once by the driver, shared zero-copy by workers on a node).
@@ -24,6 +26,20 @@ from artsim.console import say
 CHECKPOINT_MODEL = "model.safetensors"
 CHECKPOINT_OPTIMIZER = "optimizer.pt"
 CHECKPOINT_STATE = "state.json"
+CHECKPOINT_BEST = "best.safetensors"
+
+
+def validation_score(metrics: dict, k: int, select_by: str = "criteria_and_creator") -> Optional[float]:
+    """What "best epoch" means: the mean of the validation recalls that exist on held-out creators -- recall@k of
+    the curators' criteria (held-out triplet groups) and recall@k of same-creator works. Both are measured on
+    creators training never saw, so the score rewards what generalises, and a head that trades creator
+    coherence for the mined criteria does not count as better. None when there is no validation set.
+    ``select_by: criteria`` scores by the mined criteria alone (when creator coherence is not wanted)."""
+    values = [metrics.get(f"val_recall@{k}")]
+    if select_by == "criteria_and_creator":
+        values.append(metrics.get(f"val_creator_recall@{k}"))
+    values = [v for v in values if isinstance(v, (int, float)) and v == v]
+    return float(np.mean(values)) if values else None
 
 
 def read_checkpoint_dir(path: str) -> tuple[dict, dict]:
@@ -35,12 +51,24 @@ def read_checkpoint_dir(path: str) -> tuple[dict, dict]:
     return load_file(os.path.join(path, CHECKPOINT_MODEL)), state
 
 
-def _write_checkpoint_dir(path: str, model, optimizer, state: dict) -> None:
+def read_best_state(path: str) -> Optional[dict]:
+    from safetensors.torch import load_file
+
+    best = os.path.join(path, CHECKPOINT_BEST)
+    return load_file(best) if os.path.exists(best) else None
+
+
+def _cpu_state(model) -> dict:
+    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def _write_checkpoint_dir(path: str, model, optimizer, state: dict, best_state: Optional[dict] = None) -> None:
     import torch
     from safetensors.torch import save_file
 
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(tensors, os.path.join(path, CHECKPOINT_MODEL))
+    save_file(_cpu_state(model), os.path.join(path, CHECKPOINT_MODEL))
+    if best_state is not None:
+        save_file(best_state, os.path.join(path, CHECKPOINT_BEST))
     torch.save(optimizer.state_dict(), os.path.join(path, CHECKPOINT_OPTIMIZER))
     with open(os.path.join(path, CHECKPOINT_STATE), "w", encoding="utf-8") as f:
         json.dump(state, f)
@@ -117,6 +145,13 @@ def _evaluate(encode: Callable, module, data, k: int, margin: float) -> dict:
             r = recall_at_k(vecs, data.val_relevance, k)
             out[f"val_recall@{k}"] = r["recall"]
             out["val_queries"] = r["queries"]
+        creator_objects = getattr(data, "val_creator_objects", np.zeros(0, np.int64))
+        if len(creator_objects) >= 2:
+            vecs = torch.cat([encode(chunk, False, module) for chunk in np.array_split(
+                creator_objects, max(1, len(creator_objects) // 256))]).cpu().numpy()
+            r = recall_at_k(vecs, data.val_creator_relevance, k)
+            out[f"val_creator_recall@{k}"] = r["recall"]
+            out["val_creator_queries"] = r["queries"]
         if len(data.val_anchors):
             objs, inv = np.unique(np.concatenate([data.val_anchors, data.val_positives, data.val_negatives]),
                                   return_inverse=True)
@@ -160,7 +195,11 @@ def train_loop_per_worker(config: dict) -> None:
                                  "train.name or delete models/<name>/")
             raw_model.load_state_dict(state_dict, strict=True)
             optimizer_state = torch.load(os.path.join(path, CHECKPOINT_OPTIMIZER), weights_only=True)
+            best_state = read_best_state(path)
         start_epoch, history, sessions = int(state["epoch"]), state["history"], state["sessions"]
+        best_epoch = state.get("best_epoch")
+    else:
+        best_state, best_epoch = None, None
     sessions = sessions + [{"start_epoch": start_epoch + 1, "world_size": world, "time": time.time()}]
 
     model = ray.train.torch.prepare_model(raw_model)  # DDP when world > 1; moves to the worker's device
@@ -178,6 +217,9 @@ def train_loop_per_worker(config: dict) -> None:
     pair_keys = positive_pair_keys(data.anchors, data.positives, data.n_objects) if mining != "none" else None
     if not history and rank == 0:
         history.append({"epoch": 0, **_evaluate(encode, module, data, k, margin)})  # the untrained model
+        history[0]["val_score"] = validation_score(history[0], k, config.get("select_by", "criteria_and_creator"))
+        best_state, best_epoch = _cpu_state(module), 0  # the start is the model to beat
+    best_score = next((h.get("val_score") for h in history if h["epoch"] == best_epoch), None)
 
     for epoch in range(start_epoch + 1, config["epochs"] + 1):
         started = time.perf_counter()
@@ -212,17 +254,28 @@ def train_loop_per_worker(config: dict) -> None:
                    "epoch_seconds": seconds, "triplets_per_second": float(sums[2]) / max(seconds, 1e-9)}
         if rank == 0:
             metrics.update(_evaluate(encode, module, data, k, margin))
+            score = metrics["val_score"] = validation_score(metrics, k, config.get("select_by", "criteria_and_creator"))
+            # Strictly better only: on a tie the earlier epoch (ultimately the start) stays the best. Without any
+            # validation set there is nothing to choose by, and the last epoch is kept.
+            if (score is not None and (best_score is None or score > best_score + 1e-9)) or \
+                    (score is None and best_score is None):
+                best_state, best_epoch, best_score = _cpu_state(module), epoch, score
             history.append(metrics)
-            recall = metrics.get(f"val_recall@{k}")
+            recall, creator = metrics.get(f"val_recall@{k}"), metrics.get(f"val_creator_recall@{k}")
             say(f"train: epoch {epoch}/{config['epochs']} loss {metrics['train_loss']:.4f} "
-                f"val recall@{k} {recall if recall is None else round(recall, 4)} "
-                f"({seconds:.1f} s, {metrics['triplets_per_second']:.0f} triplets/s)")
+                f"val recall@{k} {_round(recall)} same-creator {_round(creator)} score {_round(score)} "
+                f"(best: epoch {best_epoch}; {seconds:.1f} s, {metrics['triplets_per_second']:.0f} triplets/s)")
             with tempfile.TemporaryDirectory() as tmp:
                 _write_checkpoint_dir(tmp, module, optimizer, {
-                    "epoch": epoch, "history": history, "sessions": sessions, "fingerprint": config["fingerprint"]})
+                    "epoch": epoch, "history": history, "sessions": sessions, "fingerprint": config["fingerprint"],
+                    "best_epoch": best_epoch}, best_state)
                 ray.train.report(_scalar(metrics), checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(_scalar(metrics))
+
+
+def _round(value) -> Optional[float]:
+    return None if value is None or value != value else round(value, 4)
 
 
 def _scalar(metrics: dict) -> dict:
@@ -258,8 +311,9 @@ def fit(loop_config: dict, num_workers: int, use_gpu: bool, cpus_per_worker: int
                           f"{type(exc).__name__}: {(lines[-1] if lines else '')[:400]}") from exc
 
 
-def latest_checkpoint_state(result) -> Optional[tuple[dict, dict]]:
+def latest_checkpoint_state(result) -> Optional[tuple[dict, dict, Optional[dict]]]:
+    """(last state dict, state.json, best state dict or None for checkpoints written before best tracking)."""
     if result.checkpoint is None:
         return None
     with result.checkpoint.as_directory() as path:
-        return read_checkpoint_dir(path)
+        return (*read_checkpoint_dir(path), read_best_state(path))

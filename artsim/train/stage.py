@@ -41,6 +41,31 @@ def _read_triplets(ctx) -> dict:
     return {name: tab.column(name).to_pylist() for name in tab.column_names}
 
 
+def read_creators(ctx, needed: set) -> dict:
+    """object_id -> normalised creator (unknown creators left out) for the objects ``needed`` names, streamed from
+    records/: the validation split holds out whole creators (artsim.train.data)."""
+    import pyarrow.compute as pc
+
+    from artsim.rundir.names import normalise_creator
+    from artsim.rundir.sample import stream_batches
+
+    wanted = pa.array(sorted(needed), pa.string())
+    creators = {}
+    if not ctx.storage.exists(ctx.paths.records):  # no metadata: each work is its own group
+        return creators
+    for _, batch in stream_batches(ctx.storage, ctx.storage.dataset_files(ctx.paths.records),
+                                   ["object_id", "creator"]):
+        if "creator" not in batch.schema.names:
+            continue
+        batch = batch.filter(pc.fill_null(pc.is_in(batch.column(batch.schema.names.index("object_id")),
+                                                   value_set=wanted), False))
+        for row in batch.to_pylist():
+            creator = normalise_creator(row.get("creator"))
+            if creator:
+                creators[row["object_id"]] = creator
+    return creators
+
+
 def load_head_inputs(ctx, cfg: TrainConfig, triplets: dict):
     """(embedder spec, features by object for TrainingData, data) for head mode."""
     from artsim.models.artifact import build_embedder
@@ -63,7 +88,8 @@ def load_head_inputs(ctx, cfg: TrainConfig, triplets: dict):
         raise ArtsimError(f"{uri}: embeddings have {matrix.shape[1]} dimensions but {embedder.spec.backbone} "
                           f"gives {embedder.spec.feature_dim}; they come from another model")
     data = prepare_training_data(triplets["anchor_id"], triplets["positive_id"], triplets["negative_id"],
-                                 triplets["reason"], set(ids), cfg.validation_fraction, cfg.seed)
+                                 triplets["reason"], set(ids), cfg.validation_fraction, cfg.seed,
+                                 groups=read_creators(ctx, needed))
     row = {oid: i for i, oid in enumerate(ids)}
     features = matrix[[row[o] for o in data.object_ids]]
     return embedder.spec, data, {"data": data, "features": features}, uri
@@ -95,8 +121,9 @@ def load_finetune_inputs(ctx, cfg: TrainConfig, triplets: dict):
     embedder = build_embedder(ctx.config.embed, ctx.storage)
     needed = set(triplets["anchor_id"]) | set(triplets["positive_id"]) | set(triplets["negative_id"])
     images = _read_images(ctx.storage, ctx.paths.images, needed)
+    creators = read_creators(ctx, needed)
     data = prepare_training_data(triplets["anchor_id"], triplets["positive_id"], triplets["negative_id"],
-                                 triplets["reason"], set(images), cfg.validation_fraction, cfg.seed)
+                                 triplets["reason"], set(images), cfg.validation_fraction, cfg.seed, groups=creators)
     # Bad image bytes must not kill a worker: check that each decodes here (a status, not a crash).
     from artsim.models.preprocess import ImageDecodeError, decode_rgb
 
@@ -110,7 +137,7 @@ def load_finetune_inputs(ctx, cfg: TrainConfig, triplets: dict):
         say(f"train: {len(bad)} images do not decode and are left out (e.g. {bad[0][0]}: {bad[0][1]})")
         ok = set(data.object_ids) - {b[0] for b in bad}
         data = prepare_training_data(triplets["anchor_id"], triplets["positive_id"], triplets["negative_id"],
-                                     triplets["reason"], ok, cfg.validation_fraction, cfg.seed)
+                                     triplets["reason"], ok, cfg.validation_fraction, cfg.seed, groups=creators)
     from artsim.train.data import PackedImages
 
     packed = PackedImages.pack([images[o] for o in data.object_ids])
@@ -165,7 +192,9 @@ def run_train(ctx, **_options) -> dict:
     else:
         in_dim = spec.feature_dim if spec.head is None else spec.head["in_dim"]
     head = spec.head if (cfg.mode == "finetune" and spec.head is not None) else \
-        head_description(in_dim, cfg.head_dim, cfg.head_hidden_dims, center=cfg.mode == "head" and cfg.center_features)
+        head_description(in_dim, cfg.head_dim, cfg.head_hidden_dims,
+                         center=cfg.mode == "head" and cfg.center_features and cfg.head_type == "projection",
+                         head_type=cfg.head_type)
     say(f"train: mode {cfg.mode}, {data.stats['train_triplets']} training / {data.stats['validation_triplets']} "
         f"validation triplets over {data.n_objects} objects ({data.stats['unavailable']} triplets lack "
         f"{'embeddings' if cfg.mode == 'head' else 'images'}; inputs from {source})")
@@ -179,6 +208,7 @@ def run_train(ctx, **_options) -> dict:
         "backbone_learning_rate": cfg.backbone_learning_rate if cfg.backbone_learning_rate is not None
         else cfg.learning_rate / 10,
         "steps_per_epoch": cfg.steps_per_epoch, "margin": cfg.margin, "mining": cfg.mining, "seed": cfg.seed, "recall_k": cfg.recall_k,
+        "select_by": cfg.select_by,
         "threads": cfg.cpus_per_worker, "fingerprint": _fingerprint(cfg, head, spec.to_dict()),
         "embed": dataclasses.asdict(ctx.config.embed), "storage": dataclasses.asdict(ctx.config.storage),
         "payload": ray.put(payload),
@@ -192,10 +222,13 @@ def run_train(ctx, **_options) -> dict:
     latest = ray_train.latest_checkpoint_state(result)
     if latest is None:
         raise ArtsimError(f"train: the run {cfg.name!r} produced no checkpoint")
-    state_dict, state = latest
+    last_state, state, best_state = latest
     history = state["history"]
+    best_epoch = state.get("best_epoch")
+    if best_state is None or best_epoch is None:  # a checkpoint from before best tracking: the last epoch
+        best_state, best_epoch = last_state, state["epoch"]
 
-    backbone_state, head_state = split_state(state_dict)
+    backbone_state, head_state = split_state(best_state)  # the best epoch is exported, not the last
     finetuned = cfg.mode == "finetune"
     export_spec = dataclasses.replace(spec, head=head, output_dim=int(head["out_dim"]),
                                       includes_backbone_weights=finetuned)
@@ -206,28 +239,52 @@ def run_train(ctx, **_options) -> dict:
     if cfg.mode == "head" and cfg.project_embeddings:
         projected = write_projected_embeddings(ctx, export_uri, source)
     k = cfg.recall_k
-    before = history[0].get(f"val_recall@{k}")
-    after = history[-1].get(f"val_recall@{k}")
+    by_epoch = {h["epoch"]: h for h in history}
+    start, best, last = by_epoch[0], by_epoch.get(best_epoch, history[-1]), history[-1]
+    before, after = start.get(f"val_recall@{k}"), best.get(f"val_recall@{k}")
     trained_epochs = [h for h in history if h["epoch"] > 0]
     epoch_seconds = float(np.mean([h["epoch_seconds"] for h in trained_epochs])) if trained_epochs else None
+    start_is_model = head["type"] == "residual"  # identity at start: epoch 0 is the backbone's own embedding
+
+    def scores(h: dict) -> dict:
+        return {"epoch": h["epoch"], "val_score": h.get("val_score"), f"val_recall@{k}": h.get(f"val_recall@{k}"),
+                f"val_creator_recall@{k}": h.get(f"val_creator_recall@{k}"), "val_loss": h.get("val_loss")}
+
+    if best_epoch == 0:
+        verdict = ("no epoch beat the start on held-out creators: the export is the start" +
+                   (" (the pretrained model unchanged)" if start_is_model else " (the untrained head)"))
+    elif start.get("val_score") is None:
+        verdict = f"no validation set (too few creators?): exported the last epoch ({best_epoch})"
+    else:
+        verdict = f"exported epoch {best_epoch}, the best on held-out creators"
     summary = {
-        "mode": cfg.mode, "epochs": state["epoch"], "sessions": state["sessions"],
+        "mode": cfg.mode, "head": head["type"], "epochs": state["epoch"], "sessions": state["sessions"],
         "restarts": len(state["sessions"]) - 1, "data": data.stats,
         f"val_recall@{k}_untrained": before, f"val_recall@{k}": after,
+        "validation": {"start": scores(start), "best": scores(best), "last": scores(last),
+                       "split": data.stats.get("split"), "start_is_pretrained": start_is_model},
+        "best_epoch": best_epoch, "exported_epoch": best_epoch, "export_is_start": best_epoch == 0,
+        "verdict": verdict,
         "epoch_seconds_mean": epoch_seconds, "export": export_uri, "weights_id": weights_id,
         "projected_embeddings": projected, "history": history,
     }
     ctx.storage.write_json(join(model_uri, "history.json"), summary)
     ctx.storage.write_bytes(join(model_uri, "recall.png"),
                             plot_history(history, k, f"{cfg.name}: {cfg.mode} mode, {cfg.mining} mining"))
-    table(["epoch", "train loss", "val loss", f"val recall@{k}", "val triplet acc", "seconds"],
+    table(["epoch", "train loss", "val loss", f"val recall@{k}", f"val same-creator@{k}", "val score",
+           "val triplet acc", "seconds", ""],
           [(h["epoch"], _fmt(h.get("train_loss")), _fmt(h.get("val_loss")), _fmt(h.get(f"val_recall@{k}")),
-            _fmt(h.get("val_triplet_accuracy")), _fmt(h.get("epoch_seconds"), 1)) for h in history])
+            _fmt(h.get(f"val_creator_recall@{k}")), _fmt(h.get("val_score")), _fmt(h.get("val_triplet_accuracy")),
+            _fmt(h.get("epoch_seconds"), 1), "exported" if h["epoch"] == best_epoch else "") for h in history])
+    say(f"train: validation on {data.stats.get('held_out_groups')} held-out "
+        f"{'creators/anonymous works' if data.stats.get('split') == 'creator' else 'objects'}: score start "
+        f"{_fmt(start.get('val_score'))}, best {_fmt(best.get('val_score'))} (epoch {best_epoch}), last "
+        f"{_fmt(last.get('val_score'))} (epoch {last['epoch']}); {verdict}")
     if summary["restarts"]:
         say(f"train: resumed {summary['restarts']} time(s) from a checkpoint (sessions started at epochs "
             f"{[s['start_epoch'] for s in state['sessions']]})")
-    say(f"train: done in {time.perf_counter() - started:.1f} s; validation recall@{k} {_fmt(before)} untrained -> "
-        f"{_fmt(after)}; exported to {export_uri} (use embed.weights: {export_uri}, embed.model: {spec.backbone}); "
+    say(f"train: done in {time.perf_counter() - started:.1f} s; validation recall@{k} {_fmt(before)} at start -> "
+        f"{_fmt(after)} exported (epoch {best_epoch}); exported to {export_uri} (use embed.weights: {export_uri}, embed.model: {spec.backbone}); "
         f"plot {join(model_uri, 'recall.png')}")
     return {k_: v for k_, v in summary.items() if k_ != "history"}
 

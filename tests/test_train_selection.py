@@ -1,0 +1,117 @@
+"""Training never makes a model worse: validation on held-out creators (never a random split of works), a residual
+head that starts at the identity (epoch 0 == the backbone's embedding), the best epoch exported, start / best /
+last reported, and the start exported when no epoch beats it."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from artsim.config import config_from_dict
+from artsim.models.artifact import build_head
+from artsim.runtime import RunContext
+from artsim.rundir.schema import records_table
+from artsim.train.data import held_out_groups_mask, prepare_training_data
+from artsim.train.models import HeadModel, head_description
+from artsim.train.ray_train import validation_score
+from artsim.testing.synthetic import SyntheticSpec, synthetic_records
+
+
+def test_split_holds_out_whole_creators_and_never_trains_on_them():
+    rng = np.random.default_rng(0)
+    ids = [f"c:{i}" for i in range(600)]
+    creators = {o: f"artist {i % 30}" for i, o in enumerate(ids) if i % 10}  # every 10th work: unknown creator
+    mask = held_out_groups_mask(ids, creators, 0.2, seed=3)
+    assert (mask == held_out_groups_mask(ids, creators, 0.2, seed=3)).all()
+    assert (mask != held_out_groups_mask(ids, creators, 0.2, seed=4)).any()
+    assert 0.2 <= mask.mean() < 0.3
+    held_creators = {creators[o] for o, m in zip(ids, mask) if m and o in creators}
+    kept_creators = {creators[o] for o, m in zip(ids, mask) if not m and o in creators}
+    assert held_creators and not held_creators & kept_creators  # no creator on both sides
+
+    a, p, n = (rng.choice(ids, 4000).tolist() for _ in range(3))
+    reasons = [f"shared subject: s{i % 5}" for i in range(4000)]
+    data = prepare_training_data(a, p, n, reasons, validation_fraction=0.2, seed=3, groups=creators)
+    train_objects = {data.object_ids[j] for arr in (data.anchors, data.positives, data.negatives) for j in arr}
+    assert not {creators.get(o) for o in train_objects} & held_creators
+    assert data.stats["split"] == "creator" and data.stats["held_out_groups"] >= len(held_creators)
+    # same-creator validation: held-out works whose creator has other held-out works, and only those as relevant
+    vc = [data.object_ids[j] for j in data.val_creator_objects]
+    assert vc and all(creators[o] in held_creators for o in vc)
+    for i, rel in enumerate(data.val_creator_relevance):
+        assert rel and all(creators[vc[j]] == creators[vc[i]] for j in rel)
+
+
+def test_residual_head_starts_at_the_identity_and_is_scale_free():
+    head = head_description(32, 8, [], head_type="residual")
+    assert head == {"type": "residual", "in_dim": 32, "rank": 8, "out_dim": 32}
+    model = HeadModel(head)
+    x = torch.randn(6, 32) * 4.0
+    torch.testing.assert_close(model(x), torch.nn.functional.normalize(x, dim=1))
+    torch.nn.init.normal_(model.head.up.weight)  # once trained it moves, and still ignores input scale
+    torch.testing.assert_close(model(x), model(x / x.norm(dim=1, keepdim=True)))
+    with pytest.raises(Exception, match="out_dim == in_dim"):
+        build_head({"type": "residual", "in_dim": 32, "rank": 8, "out_dim": 16})
+
+
+def test_validation_score_rewards_only_what_generalises():
+    k = 10
+    assert validation_score({"val_recall@10": 0.6, "val_creator_recall@10": 0.2}, k) == pytest.approx(0.4)
+    assert validation_score({"val_recall@10": 0.6, "val_creator_recall@10": 0.2}, k, "criteria") == 0.6
+    assert validation_score({"val_recall@10": float("nan")}, k) is None
+    assert validation_score({}, k) is None
+
+
+D = 512  # resnet18's feature size (head mode checks the embeddings against the embed section's backbone)
+
+
+@pytest.fixture(scope="module")
+def destructive_run(ray_session, tmp_path_factory):
+    """A head trained with an absurd learning rate on triplets that contradict the features: every epoch is worse
+    than the start on held-out creators, so the export must be the start."""
+    from artsim.mine.stage import run_mine
+    from artsim.train.stage import run_train
+
+    root = tmp_path_factory.mktemp("destructive")
+    records = synthetic_records(SyntheticSpec(n=300, seed=9, n_creators=20, n_subjects=5))
+    rng = np.random.default_rng(1)
+    directions = {c: rng.normal(size=D) for c in {r["creator"] for r in records}}
+    vectors = np.stack([directions[r["creator"]] + 0.3 * rng.normal(size=D) for r in records]).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    tree = {"run": {"root": str(root)}, "embed": {"model": "resnet18"},
+            "mine": {"num_triplets": 2000, "strategies": {"shared_terms": 1}, "term_fields": ["subjects"]},
+            "train": {"epochs": 2, "num_workers": 1, "head_dim": 16, "batch_size": 64, "learning_rate": 5.0}}
+    ctx = RunContext(config_from_dict(tree))
+    ctx.storage.write_table(records_table(records), ctx.paths.records)
+    import pyarrow as pa
+
+    ctx.storage.write_table(pa.table({
+        "object_id": [r["object_id"] for r in records],
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), D),
+        "model": ["resnet18"] * len(records)}), ctx.paths.embeddings("resnet18"))
+    run_mine(ctx)
+    summary = run_train(ctx)
+    return {"ctx": ctx, "summary": summary, "vectors": vectors, "records": records}
+
+
+def test_no_epoch_beats_the_start_so_the_export_is_the_start(destructive_run):
+    from artsim.models.artifact import build_embedder
+
+    ctx, summary, vectors = destructive_run["ctx"], destructive_run["summary"], destructive_run["vectors"]
+    v = summary["validation"]
+    assert summary["head"] == "residual" and v["split"] == "creator" and v["start_is_pretrained"]
+    assert summary["best_epoch"] == 0 and summary["export_is_start"]
+    assert "no epoch beat the start" in summary["verdict"] and "pretrained model unchanged" in summary["verdict"]
+    assert v["start"]["epoch"] == 0 and v["last"]["epoch"] == 2 and v["best"] == v["start"]
+    assert v["last"]["val_score"] < v["start"]["val_score"]  # training did make it worse...
+    embedder = build_embedder(config_from_dict({"embed": {"model": "resnet18", "weights": summary["export"]}}).embed,
+                              ctx.storage)
+    with torch.no_grad():  # ...and the export is still exactly the backbone's own embedding
+        out = torch.nn.functional.normalize(embedder.head(torch.from_numpy(vectors)), dim=1).numpy()
+    np.testing.assert_allclose(out, vectors, atol=1e-6)
+    history = json.loads(ctx.storage.read_text(f"{ctx.paths.model('similarity')}/history.json"))
+    assert history["validation"] == v and history["exported_epoch"] == 0
+    assert [h["epoch"] for h in history["history"]] == [0, 1, 2]
+    assert all("val_creator_recall@10" in h and h["val_score"] is not None for h in history["history"])
