@@ -37,7 +37,7 @@ class StorageConfig:
 
 @dataclass
 class RayConfig:
-    address: Optional[str] = None  # null: start a local Ray; otherwise e.g. "auto"
+    address: Optional[str] = None  # null: join RAY_ADDRESS or a running `ray start`, else a private Ray; "local": always a private Ray; or host:port, ray://host:port, "auto"
     num_cpus: Optional[int] = None  # only for a local Ray started by artsim
 
     def check(self):

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 
 from artsim.console import say, table
-from artsim.runtime import RunContext, StageTimer, ensure_ray
+from artsim.runtime import RunContext, StageTimer, cluster_line, ensure_ray
 from artsim.stages import stage_function
 
 
@@ -15,6 +17,10 @@ RAY_STAGES = frozenset({"download", "embed", "train", "index", "links"})
 def run_stage(ctx: RunContext, name: str, **options) -> dict:
     if name in RAY_STAGES:
         ensure_ray(ctx.config)
+        where = cluster_line()
+    else:
+        where = f"runs in this process, no Ray needed ({os.cpu_count()} CPUs on {socket.gethostname()})"
+    say(f"stage {name}: {where}")  # first: on a cluster, which one a submitted job really joined
     ctx.save_config()
     say(f"stage {name}: starting (run directory {ctx.paths.root})")
     summary = stage_function(name)(ctx, **options) or {}
