@@ -278,6 +278,10 @@ def head_cost(plans: list[StagePlan], cluster: Cluster, prices) -> Optional[floa
     return None if price is None else sum(p.seconds for p in plans) / 3600 * price
 
 
+def _number(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
 def format_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "never"
@@ -286,3 +290,92 @@ def format_duration(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+# -- `artsim plan` ----------------------------------------------------------------------------------------------------
+
+
+def read_summaries(storage, run_roots: list[str], stages) -> tuple[dict[str, list[dict]], list[str]]:
+    """stage -> the summaries recorded under each run root's summaries/ (in the order given), and the run roots
+    that could not be read (a plan is often made where the bucket's credentials are not: it says so, and goes on
+    with what it has)."""
+    from artsim.rundir.paths import RunPaths
+
+    found: dict[str, list[dict]] = {}
+    unreadable = []
+    for root in run_roots:
+        try:
+            for stage in stages:
+                uri = f"{RunPaths(root).summaries}/{stage}.json"
+                if storage.exists(uri):
+                    found.setdefault(stage, []).append(storage.read_json(uri))
+        except Exception as exc:  # noqa: BLE001 - any storage failure: plan from defaults, say why
+            unreadable.append(f"{root}: {type(exc).__name__}: {exc}")
+    return found, unreadable
+
+
+def parse_prices(items: list[str]) -> dict[str, float]:
+    prices = dict(DEFAULT_PRICES)
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            prices[name.strip()] = float(value)
+        except ValueError:
+            raise ArtsimError(f"--price {item!r}: expected INSTANCE=USD_PER_HOUR") from None
+        if not sep:
+            raise ArtsimError(f"--price {item!r}: expected INSTANCE=USD_PER_HOUR")
+    return prices
+
+
+def run_plan(args) -> int:
+    import os
+    from pathlib import Path
+
+    import yaml
+
+    from artsim.config import load_config
+    from artsim.console import table
+    from artsim.storage import Storage
+
+    config = load_config(args.config, args.overrides)
+    cluster_path = args.cluster or ("cluster.yaml" if Path("cluster.yaml").exists() else None)
+    if cluster_path:
+        try:
+            doc = yaml.safe_load(Path(cluster_path).read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise ArtsimError(f"--cluster {cluster_path}: {exc}") from None
+        cluster = cluster_from_launcher_yaml(doc or {}, cluster_path)
+    else:
+        cluster = local_cluster(config.ray.num_cpus or os.cpu_count() or 1)
+    storage = Storage(config.storage)
+    roots = [config.run.root, *args.runs]
+    summaries, unreadable = read_summaries(storage, roots, config.pipeline.stages)
+    prices = parse_prices(args.price)
+    plans, assumptions = plan_run(args.works, config, cluster, summaries, prices, args.ok_fraction, args.hosts)
+    assumptions += [f"could not read earlier runs at {u}" for u in unreadable]
+
+    print(f"plan: {args.works:,} works, stages {', '.join(config.pipeline.stages)}, on {cluster.source}")
+    rows = []
+    for p in plans:
+        rows.append([p.stage, p.runs_on, f"{p.units:,.0f} {p.unit}",
+                     f"{_number(p.rate.per_second)}/s per {p.rate.per}", p.rate.source.split(":")[0],
+                     format_duration(p.seconds), f"{p.node_hours:,.1f}",
+                     "?" if p.cost is None else f"${p.cost:,.2f}"])
+    table(["stage", "runs on", "work", "rate", "rate from", "wall", "node-h", "cost"], rows)
+    for p in plans:
+        for note in p.notes:
+            print(f"  {p.stage}: {note}")
+    total_s = sum(p.seconds for p in plans)
+    head = head_cost(plans, cluster, prices)
+    worker_costs = [p.cost for p in plans]
+    total_cost = None if head is None or None in worker_costs else head + sum(worker_costs)
+    print(f"total: {format_duration(total_s)} wall; workers {sum(p.node_hours for p in plans):,.1f} node-h; "
+          f"head {total_s / 3600:,.1f} h; cost "
+          + ("? (see assumptions)" if total_cost is None else f"${total_cost:,.2f}"))
+    print("rates used:")
+    for p in plans:
+        print(f"  {p.stage}: {p.rate.source}")
+    print("assumptions:")
+    for a in assumptions:
+        print(f"  - {a}")
+    return 0

@@ -22,7 +22,7 @@ log = logging.getLogger("artsim")
 
 # How long a reachable address may take to answer as a Ray cluster before the process gives up (ray.init itself
 # retries for minutes and cannot be interrupted). The TCP probe before it fails a dead address in seconds.
-CONNECT_TIMEOUT_S = float(os.environ.get("ARTSIM_RAY_CONNECT_TIMEOUT_S", "25"))
+CONNECT_TIMEOUT_S = float(os.environ.get("ARTSIM_RAY_CONNECT_TIMEOUT_S", "20"))
 PROBE_TIMEOUT_S = 5.0
 
 
@@ -55,12 +55,14 @@ class RayTarget:
 RECORDED = "the running `ray start` on this node"
 
 
-def resolve_ray_target(configured: Optional[str], environ=None, current_cluster=None) -> RayTarget:
+def resolve_ray_target(configured: Optional[str], environ=None, current_cluster=None, reachable=None) -> RayTarget:
     """The cluster `ray.address` means, decided the way Ray itself decides for `ray.init()`.
 
     null: RAY_ADDRESS (what `ray job submit` sets for the job's driver), else the cluster that the last `ray start`
     on this node recorded, else a private Ray. "local": always a private Ray. Anything else ("auto", host:port,
-    ray://host:port): exactly that. ``current_cluster`` is a callable returning the recorded address (for tests).
+    ray://host:port): exactly that. A recorded address that nothing answers at (a `ray start` that was killed
+    leaves its record behind) counts as no cluster. ``current_cluster`` (returns the recorded address) and
+    ``reachable`` (address -> bool) are for tests.
     """
     environ = os.environ if environ is None else environ
     if configured == "local":
@@ -75,7 +77,9 @@ def resolve_ray_target(configured: Optional[str], environ=None, current_cluster=
             from ray._private.utils import read_ray_address as current_cluster
         found = current_cluster()
         if found:
-            return RayTarget(found, RECORDED)
+            if (reachable or _reachable)(found):
+                return RayTarget(found, RECORDED)
+            return RayTarget(None, f"the Ray that `ray start` recorded at {found} is gone")
         return RayTarget(None, "no running Ray found")
     return RayTarget(configured, "ray.address")
 
@@ -88,6 +92,14 @@ def _host_port(address: str) -> Optional[tuple[str, int]]:
     if not sep or not port.isdigit():
         return None
     return host.strip("[]"), int(port)
+
+
+def _reachable(address: str) -> bool:
+    try:
+        probe(address, "")
+        return True
+    except ConfigError:
+        return False
 
 
 def probe(address: str, how: str) -> None:
@@ -118,12 +130,6 @@ def ensure_ray(config: Config) -> None:
     # Ray's own progress bars are noisy in logs of batch jobs; artsim prints its own progress and summaries.
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     target = resolve_ray_target(config.ray.address)
-    if target.how == RECORDED:
-        try:
-            probe(target.address, target.how)
-        except ConfigError:
-            # A record that outlived its cluster (a killed `ray start`): there is no cluster to join.
-            target = RayTarget(None, f"the Ray that `ray start` recorded at {target.address} is gone")
     kwargs = dict(ignore_reinit_error=True, log_to_driver=True)
     if target.address is None:
         # A private Ray: never attach to another process's Ray on this machine.
