@@ -67,6 +67,7 @@ class Rate:
     per_second: float  # units per second per `per`
     per: str  # "cpu", "gpu", "worker" or "driver"
     source: str  # where the number comes from
+    units_measured: Optional[float] = None  # how much work the recorded run did (None: a default)
 
 
 @dataclass
@@ -154,7 +155,8 @@ def recorded_rate(stage: str, summary: dict, gpu: bool, train_workers: int) -> O
         return None
     when = run.get("finished", "?")
     return Rate(units / seconds / amount, per, f"recorded {when}: {units:g} in {seconds:.1f} s on "
-                                                f"{cluster.get('cpus', 0):g} CPUs/{cluster.get('gpus', 0):g} GPUs")
+                                                f"{cluster.get('cpus', 0):g} CPUs/{cluster.get('gpus', 0):g} GPUs",
+                float(units))
 
 
 def _per(stage: str, gpu: bool) -> str:
@@ -193,6 +195,10 @@ def plan_run(n_works: int, config, cluster: Cluster, summaries: dict[str, list[d
     for stage in config.pipeline.stages:
         plans.append(_plan_stage(stage, n_works, config, cluster, summaries.get(stage) or [], prices,
                                  ok_fraction, hosts))
+    small = [p.stage for p in plans if p.rate.units_measured is not None and p.rate.units_measured < 10_000]
+    if small:
+        assumptions.append(f"recorded rates of {', '.join(small)} come from runs of < 10,000 units, whose wall time "
+                           "is mostly start-up: they understate throughput (the projection is pessimistic)")
     if any(p.rate.source.startswith("default") for p in plans):
         assumptions.append("stages marked 'default' use stated rates (artsim/plan.py DEFAULT_RATES), not a "
                            "measurement: run a sample on the cluster first and plan again from its summaries")
@@ -358,7 +364,8 @@ def run_plan(args) -> int:
     rows = []
     for p in plans:
         rows.append([p.stage, p.runs_on, f"{p.units:,.0f} {p.unit}",
-                     f"{_number(p.rate.per_second)}/s per {p.rate.per}", p.rate.source.split(":")[0],
+                     f"{_number(p.rate.per_second)}/s per {p.rate.per}",
+                     "recorded" if p.rate.units_measured is not None else "default",
                      format_duration(p.seconds), f"{p.node_hours:,.1f}",
                      "?" if p.cost is None else f"${p.cost:,.2f}"])
     table(["stage", "runs on", "work", "rate", "rate from", "wall", "node-h", "cost"], rows)

@@ -186,7 +186,7 @@ def cluster_line() -> str:
     custom = sorted(k for k in total if k not in ("CPU", "GPU", "memory", "object_store_memory")
                     and not k.startswith(("node:", "accelerator_type:")))
     kind = "private Ray" if target is not None and target.address is None else "Ray cluster"
-    how = f", {target.how}" if target is not None else ""
+    how = f" ({target.how})" if target is not None else ""
     largest = largest_node(node_shapes())
     return (f"{kind} at {gcs}{how}: {len(nodes)} node{'s' if len(nodes) != 1 else ''}, "
             f"{total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs, "

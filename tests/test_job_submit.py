@@ -161,7 +161,7 @@ def test_submitted_pipeline_joins_the_cluster_it_was_submitted_to(ray_head, met_
 
     # 1. The Ray stages joined the submitted-to cluster (found through RAY_ADDRESS), not a private Ray.
     gcs_port = gcs_address.rsplit(":", 1)[1]
-    joined = re.findall(r"stage (download|embed|index): Ray cluster at (\S+), RAY_ADDRESS: (\d+) node", logs)
+    joined = re.findall(r"stage (download|embed|index): Ray cluster at (\S+) \(RAY_ADDRESS\): (\d+) node", logs)
     assert {stage for stage, _, _ in joined} == {"download", "embed", "index"}, logs[-5000:]
     assert all(addr.endswith(f":{gcs_port}") and nodes == "1" for _, addr, nodes in joined), joined
     assert HEAD_RESOURCE in logs  # the line lists the cluster's own custom resource
