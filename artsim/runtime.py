@@ -141,8 +141,12 @@ def ensure_ray(config: Config) -> None:
         if config.storage.s3_endpoint_url:
             env["AWS_ENDPOINT_URL"] = config.storage.s3_endpoint_url
         # Ray merges this with a submitted job's runtime_env (the job's working_dir stays).
-        with _give_up_after(CONNECT_TIMEOUT_S, target):
-            ray.init(address=target.address, runtime_env={"env_vars": env} if env else None, **kwargs)
+        try:
+            with _give_up_after(CONNECT_TIMEOUT_S, target):
+                ray.init(address=target.address, runtime_env={"env_vars": env} if env else None, **kwargs)
+        except ConnectionError as exc:  # e.g. "auto" with no Ray on this node
+            source = "" if target.how == "ray.address" else f" (found through {target.how})"
+            raise ConfigError("ray.address", f"{target.address}{source}: {exc}") from None
     _joined = target
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = os.environ.get("ARTSIM_RAY_PROGRESS", "0") == "1"

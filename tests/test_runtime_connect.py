@@ -110,3 +110,4 @@ def test_cli_exits_2_when_the_address_accepts_tcp_but_is_no_ray(tmp_path):
     assert last.startswith(f"artsim: error: ray.address: 127.0.0.1:{port} accepts connections but did not answer "
                            "as a Ray cluster within 8 s"), last
     assert seconds < 30
+
