@@ -7,11 +7,54 @@ import os
 import sys
 
 from artsim.config import STAGES
-from artsim.command import OneLineParser, run_command
+from artsim.command import OneLineParser, error_line, run_command
 from artsim.errors import ArtsimError
 
+
+# `artsim --help`: every command, one line each.
+COMMANDS = {
+    "ingest": "read the configured sources into records/ (one row per work)",
+    "download": "fetch every record's image politely into images/ (resumable; --retry-failed)",
+    "embed": "embed every downloaded image with embed.model into embeddings/<model>/",
+    "mine": "mine (anchor, positive, negative) triplets from shared metadata into triplets/",
+    "train": "train a similarity model on the triplets with Ray Train into models/<train.name>/",
+    "index": "build the sharded FAISS index of one embeddings set into index/<name>/",
+    "links": "link every work to its nearest works in other collections into links/<name>/",
+    "report": "write the curator report (HTML) into reports/",
+    "pipeline": "run pipeline.stages in order, with one summary table at the end",
+    "plan": "project wall time, node counts and cost of a run of N works on a cluster",
+    "query": "nearest neighbours of a work or an image, from a built index",
+    "serve": "serve an index over HTTP (search API, hot reload from S3)",
+    "export": "write the ok images and their records as webdataset or img2dataset shards",
+    "demo": "the embedded 80-work Met demo, end to end on a private Ray",
+}
+
+# Each stage's --help: the config sections it reads (besides run, storage) and what it writes under run.root.
+STAGE_IO = {
+    "ingest": ("sources", "records/ (Parquet, one row per work) and records/_report.json (counts per source)"),
+    "download": ("download, ray", "images/ (Parquet shards: status, bytes, size per record), images/_report.json, "
+                                  "images/_SUCCESS"),
+    "embed": ("embed, ray", "embeddings/<model key>/ (vectors per ok image), _model.json, _report.json"),
+    "mine": ("mine", "triplets/ (Parquet: anchor, positive, negative, strategy)"),
+    "train": ("train, embed, ray", "models/<train.name>/ (checkpoints, export/) and, in head mode, "
+                                   "embeddings/<model>-<train.name>/"),
+    "index": ("index, ray", "index/<name>/ (manifest.json, shards/*.faiss, ids.parquet)"),
+    "links": ("links, ray", "links/<index name>/ (Parquet: object_id, neighbor, score, collections)"),
+    "report": ("report, index", "reports/report/index.html"),
+    "pipeline": ("pipeline and every stage's own", "what each stage in pipeline.stages writes"),
+}
+
+
 def _stage_parser(prog: str) -> argparse.ArgumentParser:
-    p = OneLineParser(prog=prog)
+    stage = prog.rsplit(" ", 1)[-1]
+    reads, writes = STAGE_IO.get(stage, ("", ""))
+    p = OneLineParser(
+        prog=prog, description=COMMANDS.get(stage), formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(f"reads config sections: run, storage, {reads}\n"
+                f"writes under run.root: {writes}; also summaries/"
+                f"{'<stage>' if stage == 'pipeline' else stage}.json and config.yaml (the effective config)"
+                + ("\nray.address null joins RAY_ADDRESS or a running `ray start`, else starts a private Ray"
+                   if "ray" in reads or stage == "pipeline" else "")))
     p.add_argument("-c", "--config", required=True, help="YAML config file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a config value (repeatable)")
@@ -101,15 +144,54 @@ def _check_image_path(path: str) -> None:
         raise ArtsimError(f"--image: {path} is not a regular file")
 
 
-USAGE = f"usage: artsim {{{','.join(STAGES + ('pipeline', 'query', 'serve', 'export', 'demo'))}}} ..."
+USAGE = f"usage: artsim {{{','.join(COMMANDS)}}} ..."
+assert set(STAGES) <= set(COMMANDS)
+
+
+def help_text() -> str:
+    width = max(len(c) for c in COMMANDS)
+    lines = [USAGE, "", "artsim: museum collections -> images -> embeddings -> similarity indexes, on Ray.", "",
+             "commands:"]
+    lines += [f"  {name:<{width}}  {line}" for name, line in COMMANDS.items()]
+    lines += ["", "`artsim COMMAND --help` says what a command reads and writes. Stages take -c CONFIG and "
+              "--set key.path=value; the config reference is in README.md."]
+    return "\n".join(lines)
+
+
+def plan_main(argv: list[str]) -> int:
+    p = OneLineParser(
+        prog="artsim plan", description=COMMANDS["plan"], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="reads config sections: run (earlier runs' summaries/), pipeline, sources, download, embed, mine, "
+               "train\nwrites nothing; prints a table and the assumptions it made")
+    p.add_argument("works", type=int, metavar="N", help="number of works (records) to plan for")
+    p.add_argument("-c", "--config", required=True, help="YAML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    p.add_argument("--cluster", default=None,
+                   help="Ray cluster-launcher YAML with the node types (default: cluster.yaml if it exists, "
+                        "else this machine)")
+    p.add_argument("--runs", action="append", default=[], metavar="RUN_ROOT",
+                   help="more run directories whose summaries/ hold measured rates (run.root is always read)")
+    p.add_argument("--price", action="append", default=[], metavar="INSTANCE=USD_PER_HOUR")
+    p.add_argument("--ok-fraction", type=float, default=None, help="share of downloads that end ok")
+    p.add_argument("--hosts", type=int, default=None, help="distinct image hosts (politeness caps apply per host)")
+    args = p.parse_args(argv)
+    return run_command(lambda: _plan(args))
+
+
+def _plan(args) -> int:
+    from artsim.plan import run_plan
+
+    return run_plan(args)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
+        print(help_text(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    if command == "plan":
+        return plan_main(rest)
     if command in STAGES or command == "pipeline":
         return stage_main(command, rest)
     if command == "query":
@@ -126,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         from artsim.demo import demo_main
 
         return run_command(lambda: demo_main(rest))
-    print(_error_line(f"unknown command {command!r}; {USAGE}"), file=sys.stderr)
+    print(error_line(f"unknown command {command!r}; {USAGE}"), file=sys.stderr)
     return 2
 
 

@@ -28,7 +28,7 @@ USER_ERRNOS = {errno.ENOENT, errno.EEXIST, errno.EACCES, errno.EPERM, errno.EISD
                errno.EROFS, errno.EDQUOT, errno.ENAMETOOLONG, errno.ELOOP, errno.ENOTEMPTY, errno.EXDEV}
 
 
-def _error_line(message: str) -> str:
+def error_line(message: str) -> str:
     from artsim.console import printable
 
     line = printable(message)
@@ -70,16 +70,16 @@ def run_command(fn) -> int:
         print("artsim: interrupted", file=sys.stderr)
         return 130
     except ArtsimError as exc:
-        print(_error_line(str(_user_error(exc))), file=sys.stderr)
+        print(error_line(str(_user_error(exc))), file=sys.stderr)
         return getattr(exc, "exit_code", 2)  # StageFailed (records committed, a bug met): 1
     except OSError as exc:
         if exc.errno in USER_ERRNOS and exc.filename is not None:
             target = exc.filename if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
-            print(_error_line(f"{target}: {exc.strerror}"), file=sys.stderr)
+            print(error_line(f"{target}: {exc.strerror}"), file=sys.stderr)
             return 2
         return _unexpected(exc)
     except UnicodeError as exc:
-        print(_error_line(f"text that is not valid UTF-8: {exc}"), file=sys.stderr)
+        print(error_line(f"text that is not valid UTF-8: {exc}"), file=sys.stderr)
         return 2
     except Exception as exc:
         return _unexpected(exc)
@@ -93,5 +93,5 @@ def _unexpected(exc: BaseException) -> int:
     summary = f"{type(exc).__name__}: {exc}"
     if len(summary) > 300:
         summary = summary[:300] + "..."
-    print(_error_line(f"internal error (a bug in artsim, please report it): {summary}; {where}"), file=sys.stderr)
+    print(error_line(f"internal error (a bug in artsim, please report it): {summary}; {where}"), file=sys.stderr)
     return 1

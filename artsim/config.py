@@ -60,10 +60,12 @@ class StorageConfig:
 
 @dataclass
 class RayConfig:
-    address: Optional[str] = None  # null: start a local Ray; otherwise e.g. "auto"
+    address: Optional[str] = None  # null: join RAY_ADDRESS or a running `ray start`, else a private Ray; "local": always a private Ray; or host:port, ray://host:port, "auto"
     num_cpus: Optional[int] = None  # only for a local Ray started by artsim
+    # an address that accepts connections but does not answer as Ray: exit 2 naming ray.address after this long
+    connect_timeout_s: float = 20.0
 
-    RANGES = {"num_cpus": Range(1, 100_000)}
+    RANGES = {"num_cpus": Range(1, 100_000), "connect_timeout_s": Range(1, 600)}
 
 
 @dataclass

@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     with serve_directory(collection_dir) as base_url:
         cfg = config_from_dict({
             "run": {"root": str(run_root)},
-            "ray": {"num_cpus": args.num_cpus},
+            "ray": {"address": "local", "num_cpus": args.num_cpus},  # a private Ray, as before ray.address null joined clusters
             "sources": [{"kind": "table", "path": str(csv_path), "collection": "synth", "license": "CC0",
                          "image_url_template": f"{base_url}/images/{{local_id}}.jpg"}],
             "download": {"image_size": args.image_size, "allow_hosts": ["127.0.0.1"], "per_host_connections": 16,

@@ -119,6 +119,12 @@ def _check_resources(cfg: EmbedConfig) -> None:
     cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
     if cfg.num_gpus > 0 and gpus < cfg.num_gpus:
         raise ConfigError("embed.num_gpus", f"{cfg.num_gpus} per actor, but the Ray cluster has {gpus:g} GPUs")
+    from artsim.runtime import fit_task
+
+    # one actor lives on one node: its CPUs and GPUs must fit one node, not the cluster's total
+    key = "embed.num_gpus" if cfg.num_gpus else "embed.cpus_per_actor"
+    fit_task(want_cpus=cfg.cpus_per_actor, min_cpus=cfg.cpus_per_actor, gpus=cfg.num_gpus, what="an embed model actor",
+             key=key)
     actor_cpus = cfg.cpus_per_actor
     if actor_cpus * cfg.num_actors > cpus - 1:
         raise ConfigError("embed.num_actors", f"{cfg.num_actors} actors x {actor_cpus:g} CPUs leave no CPU for "

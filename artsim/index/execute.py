@@ -84,9 +84,11 @@ def execute(plan: BuildPlan, scanned: ScanOutcome, storage_config, target_recall
     from artsim.index.ray_tasks import shard_task, train_task, tune_task
     from artsim.serving.topk import RECALL_K, merge_topk
 
-    cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
-    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    threads = max(1, min(cluster_cpus, 8))
+    from artsim.runtime import fit_task, largest_node, node_shapes
+
+    use_gpu = largest_node(node_shapes())[1] >= 1  # a GPU task needs a node that has one, not GPUs anywhere
+    # one task, so one node: at most 8 threads, at most what the largest (GPU) node has
+    threads = int(fit_task(want_cpus=8, gpus=1 if use_gpu else 0, what="index training (one task)", key="index"))
     t0 = time.perf_counter()
     train_refs = [scanned.train_refs[i] for i in plan.train_pieces]
     trained = ray.get(train_task.options(num_cpus=threads, num_gpus=1 if use_gpu else 0).remote(

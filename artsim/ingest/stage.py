@@ -305,7 +305,7 @@ def run_ingest(ctx, piece_bytes: int | None = None, json_memory_bytes: int | Non
     """
     from artsim.ingest import execute
     from artsim.ingest.plan import JSON_MEMORY_BYTES, PIECE_BYTES, ROWS_PER_FILE, plan_ingest
-    from artsim.runtime import ensure_ray
+    from artsim.runtime import cluster_line, ensure_ray
 
     sources = ctx.config.sources
     if not sources:
@@ -332,6 +332,7 @@ def run_ingest(ctx, piece_bytes: int | None = None, json_memory_bytes: int | Non
     say(f"ingest: {len(sources)} source(s), {sum(plan.files_per_source)} file(s), {plan.total_bytes / 1e6:.1f} MB "
         f"-> {len(plan.pieces)} piece(s), {plan.buckets} duplicate bucket(s)")
     ensure_ray(ctx.config)
+    say(f"ingest: {cluster_line()}")
     uri = ctx.paths.records
     # Data files and the report appear together: the directory counts as complete only with its _SUCCESS marker.
     with ctx.storage.atomic_dir(uri) as staging:

@@ -200,6 +200,11 @@ def run_train(ctx, **_options) -> dict:
         f"{'embeddings' if cfg.mode == 'head' else 'images'}; inputs from {source})")
     if len(data.anchors) < cfg.num_workers:
         raise ArtsimError(f"train: {len(data.anchors)} training triplets cannot feed {cfg.num_workers} workers")
+    from artsim.runtime import fit_task
+
+    # each Ray Train worker is one task on one node: fail now, not after Ray waits forever for a node that fits
+    fit_task(want_cpus=cfg.cpus_per_worker, min_cpus=cfg.cpus_per_worker, gpus=1 if cfg.use_gpu else 0,
+             what="a Ray Train worker", key="train.use_gpu" if cfg.use_gpu else "train.cpus_per_worker")
     models_uri = join(ctx.paths.root, "models")
     model_uri = ctx.paths.model(cfg.name)
     loop_config = {
