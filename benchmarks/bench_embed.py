@@ -46,7 +46,7 @@ def plain_loop(ctx: RunContext, rows: list[dict], threads: int) -> dict:
     """The baseline: decode + preprocess + model, batch by batch, in this process."""
     import torch
 
-    from artsim.models.artifact import build_embedder
+    from artsim.models.embedder import build_embedder
     from artsim.models.preprocess import pixels_batch
 
     cfg = ctx.config.embed

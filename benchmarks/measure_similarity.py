@@ -114,7 +114,9 @@ def main(argv=None) -> int:
     from artsim.config import EmbedConfig, config_from_dict
     from artsim.console import say, table
     from artsim.demo import serve_directory
-    from artsim.models.artifact import build_embedder, build_head, load_artifact
+    from artsim.models.artifact import load_artifact
+    from artsim.models.embedder import build_embedder
+    from artsim.models.heads import build_head
     from artsim.rundir.names import model_key
     from artsim.pipeline import run_stage
     from artsim.runtime import RunContext

@@ -10,7 +10,7 @@ from PIL import Image
 
 from artsim.config import EmbedConfig, config_from_dict
 from artsim.embed.stage import run_embed
-from artsim.models.artifact import build_embedder
+from artsim.models.embedder import build_embedder
 from artsim.rundir.names import model_key
 from artsim.embed.ray_embed import EmbeddingWriter, EmbedWorker, describe_bottleneck
 from artsim.models.preprocess import preprocess_batch
@@ -113,7 +113,8 @@ def test_embed_with_a_trained_artifact(ray_session, tmp_path):
 
     import torch
 
-    from artsim.models.artifact import build_head, save_artifact
+    from artsim.models.artifact import save_artifact
+    from artsim.models.heads import build_head
 
     ctx = make_ctx(str(tmp_path / "run"), torch_threads=1)
     base = build_embedder(ctx.config.embed, ctx.storage)

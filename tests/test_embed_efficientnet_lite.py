@@ -14,9 +14,10 @@ from PIL import Image, ImageDraw
 
 from artsim.config import EmbedConfig
 from artsim.models import efficientnet_lite as lite
-from artsim.models.artifact import (
-    build_embedder, build_head, describe_model, load_artifact, model_key, save_artifact,
-)
+from artsim.models.artifact import load_artifact, save_artifact
+from artsim.models.embedder import build_embedder, describe_model
+from artsim.models.heads import build_head
+from artsim.rundir.names import model_key
 from artsim.errors import ConfigError
 from artsim.storage import Storage
 from tests.conftest import MET_SAMPLE

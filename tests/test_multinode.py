@@ -270,7 +270,7 @@ def test_worker_raylet_removed_mid_download_still_completes_exactly_once(multino
 
 
 def test_embed_across_raylets_matches_a_single_process_call(multinode):
-    from artsim.models.artifact import build_embedder
+    from artsim.models.embedder import build_embedder
     from artsim.rundir.names import model_key
 
     s = scenario_ok(multinode, "embed")

@@ -57,7 +57,7 @@ def indexes(tmp_path_factory, ray_session):
     write_run(ctx.storage, ctx.paths, object_ids, vectors, records=records)
     facet_uri = run_index(ctx)["index_uri"]
 
-    from artsim.models.artifact import build_embedder
+    from artsim.models.embedder import build_embedder
 
     embedder = build_embedder(EmbedConfig(model="resnet18", weights=None, seed=0))
     image_vectors = embedder.embed_pil([p.read_bytes() for p in IMAGES])

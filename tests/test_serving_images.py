@@ -19,7 +19,7 @@ IMAGES = sorted((Path(__file__).resolve().parent.parent / "data" / "met_sample" 
 
 @pytest.fixture(scope="module")
 def image_index(tmp_path_factory, ray_session):
-    from artsim.models.artifact import build_embedder
+    from artsim.models.embedder import build_embedder
 
     embedder = build_embedder(EmbedConfig(model="resnet18", weights=None, seed=0))  # random init: no download
     vectors = embedder.embed_pil([p.read_bytes() for p in IMAGES])

@@ -306,7 +306,8 @@ def test_worker_killed_mid_training_resumes_from_last_checkpoint(killed_run):
 
 def test_training_learns_the_hidden_factor(head_run):
     """recall@10 of same-subject works, over the whole collection, with the exported model vs. untrained."""
-    from artsim.models.artifact import build_embedder, load_artifact
+    from artsim.models.artifact import load_artifact
+    from artsim.models.embedder import build_embedder
 
     ctx, records, vectors = head_run["ctx"], head_run["records"], head_run["vectors"]
     export = ctx.paths.model_export("similarity")
@@ -331,7 +332,7 @@ def test_training_learns_the_hidden_factor(head_run):
 def test_head_mode_projects_the_collection_like_embed_with_the_export(head_run):
     """train (head mode) writes embeddings/<model_key of the export>/: what `embed` with embed.weights=<export>
     would write -- same directory name, weights_id and vectors (checked against the export's own head)."""
-    from artsim.models.artifact import build_embedder
+    from artsim.models.embedder import build_embedder
     from artsim.rundir.names import model_key
     from artsim.rundir.embeddings import load_embedding_matrix
 
@@ -365,7 +366,7 @@ def test_resubmitting_the_same_run_name_resumes(head_run):
 def test_finetune_on_images_with_checkpoints_on_s3(ray_session, s3_endpoint):
     import boto3
 
-    from artsim.models.artifact import build_embedder
+    from artsim.models.embedder import build_embedder
     from artsim.rundir.schema import IMAGES_SCHEMA
     from artsim.mine.stage import run_mine
     from artsim.train.stage import run_train

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from artsim.config import config_from_dict
-from artsim.models.artifact import build_head
+from artsim.models.heads import build_head
 from artsim.runtime import RunContext
 from artsim.rundir.schema import records_table
 from artsim.train.data import held_out_groups_mask, prepare_training_data
@@ -97,7 +97,7 @@ def destructive_run(ray_session, tmp_path_factory):
 
 
 def test_no_epoch_beats_the_start_so_the_export_is_the_start(destructive_run):
-    from artsim.models.artifact import build_embedder
+    from artsim.models.embedder import build_embedder
 
     ctx, summary, vectors = destructive_run["ctx"], destructive_run["summary"], destructive_run["vectors"]
     v = summary["validation"]

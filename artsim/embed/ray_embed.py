@@ -59,7 +59,7 @@ class EmbedWorker:
                  torch_threads: Optional[int] = None):
         import torch
 
-        from artsim.models.artifact import build_embedder
+        from artsim.models.embedder import build_embedder
 
         self.cfg = embed_cfg
         start = time.perf_counter()
@@ -136,7 +136,7 @@ def run_embed(ctx, **_options) -> dict:
     import ray
     from ray.data.expressions import col
 
-    from artsim.models.artifact import describe_model, model_description
+    from artsim.models.embedder import describe_model, model_description
     from artsim.rundir.names import model_key
     from artsim.models.preprocess import preprocess_batch
 

@@ -440,7 +440,8 @@ def _open_manifest_and_ids(uri: str, storage: Storage, cache_dir: Optional[str])
 def embedder_for_manifest(model: dict, storage: Storage):
     """Rebuild the embedding model that the manifest names (artsim.embed), checking it is the same one."""
     try:
-        from artsim.models.artifact import ModelSpec, build_embedder
+        from artsim.models.embedder import build_embedder
+        from artsim.models.spec import ModelSpec
     except ImportError as exc:
         raise ArtsimError(f"image queries need artsim.embed ({exc})") from None
     from artsim.config import EmbedConfig
@@ -460,7 +461,7 @@ def embedder_for_manifest(model: dict, storage: Storage):
         raise ArtsimError("manifest.model: no backbone name")
     seed = (spec.backbone_seed if spec and spec.backbone_seed is not None else model.get("seed", 0)) or 0
     cfg = EmbedConfig(model=backbone, weights=weights, seed=int(seed))
-    from artsim.models.artifact import is_artifact_uri
+    from artsim.rundir.names import is_artifact_uri
 
     # An artifact carries its own input size; a bare backbone is rebuilt at the size it embedded with.
     image_size = None if (spec is None or (weights is not None and is_artifact_uri(weights))) else spec.image_size

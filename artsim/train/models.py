@@ -33,7 +33,7 @@ class HeadModel(nn.Module):
 
     def __init__(self, head_dict: dict):
         super().__init__()
-        from artsim.models.artifact import build_head
+        from artsim.models.heads import build_head
 
         self.head = build_head(head_dict)
 

@@ -99,7 +99,8 @@ def _build_model(config: dict, payload: dict):
         return model, encode
 
     from artsim.config import EmbedConfig, StorageConfig
-    from artsim.models.artifact import build_embedder, build_head
+    from artsim.models.embedder import build_embedder
+    from artsim.models.heads import build_head
     from artsim.models.preprocess import normalize
     from artsim.storage import Storage
 

@@ -68,7 +68,7 @@ def read_creators(ctx, needed: set) -> dict:
 
 def load_head_inputs(ctx, cfg: TrainConfig, triplets: dict):
     """(embedder spec, features by object for TrainingData, data) for head mode."""
-    from artsim.models.artifact import build_embedder
+    from artsim.models.embedder import build_embedder
     from artsim.rundir.names import embeddings_key
     from artsim.rundir.embeddings import load_embedding_matrix
 
@@ -116,7 +116,7 @@ def _read_images(storage, images_uri: str, needed: set) -> dict:
 
 
 def load_finetune_inputs(ctx, cfg: TrainConfig, triplets: dict):
-    from artsim.models.artifact import build_embedder
+    from artsim.models.embedder import build_embedder
 
     embedder = build_embedder(ctx.config.embed, ctx.storage)
     needed = set(triplets["anchor_id"]) | set(triplets["positive_id"]) | set(triplets["negative_id"])
@@ -301,7 +301,9 @@ def write_projected_embeddings(ctx, export_uri: str, source_uri: str, batch_rows
     at the cost of a matrix product instead of a second pass of the backbone over every image."""
     import torch
 
-    from artsim.models.artifact import build_head, load_artifact, model_description
+    from artsim.models.artifact import load_artifact
+    from artsim.models.embedder import model_description
+    from artsim.models.heads import build_head
     from artsim.rundir.names import model_key
     from artsim.rundir.embeddings import EmbeddingWriter, iter_embedding_batches
 
