@@ -34,7 +34,7 @@ RECORDS_SCHEMA = pa.schema([
     ("sha256", pa.string()),  # optional: the source's sha256 of the file at image_url (64 lowercase hex digits)
 ])
 
-# Download outcome vocabulary (DESIGN.md, plus too_small, hash_mismatch and internal_error). Retryable ones are
+# Download outcome vocabulary (docs/DESIGN.md, plus too_small, hash_mismatch and internal_error). Retryable ones are
 # refetched by --retry-failed; internal_error (a bug in artsim, never an answer from a server) by every run.
 STATUSES = (
     "ok", "not_found", "http_error", "timeout", "too_large", "too_small", "not_image", "decode_error",

@@ -1,4 +1,4 @@
-"""`artsim serve`: the indexes over HTTP for downstream services (DESIGN.md, "HTTP API for downstream services").
+"""`artsim serve`: the indexes over HTTP for downstream services (docs/DESIGN.md, "HTTP API for downstream services").
 
 - :mod:`artsim.serve.registry` — the served indexes, leases of in-flight requests, hot reload from S3;
 - :mod:`artsim.serve.queries` — checks on what clients send (uploads, vectors, texts, k);

@@ -1,4 +1,4 @@
-"""The HTTP JSON API of ``artsim serve`` (DESIGN.md, "HTTP API for downstream services"), on FastAPI.
+"""The HTTP JSON API of ``artsim serve`` (docs/DESIGN.md, "HTTP API for downstream services"), on FastAPI.
 
 Routes are thin: parse and check the request (:mod:`artsim.serve.queries`), take a lease on the index version that
 is current (:class:`artsim.serve.registry.IndexSlot`), call :class:`artsim.serving.ShardedIndex`, answer JSON.
