@@ -20,16 +20,8 @@ import pyarrow as pa
 
 from artsim.console import Progress, say, table
 from artsim.errors import ArtsimError
+from artsim.rundir.schema import LINKS_SCHEMA
 from artsim.storage import Storage, join
-
-LINKS_SCHEMA = pa.schema([
-    ("object_id", pa.string()),
-    ("neighbor_id", pa.string()),
-    ("rank", pa.int32()),
-    ("score", pa.float32()),
-    ("neighbor_collection", pa.string()),
-])
-
 
 def links_for_batch(index, object_ids: Sequence[str], collections: Sequence[str], target_collections: Sequence[str],
                     k: int, include_own_collection: bool) -> pa.Table:
@@ -90,7 +82,6 @@ def run_links(ctx, **options) -> dict:
     object_ids = ids_table.column("object_id").to_pylist()
     collections = ids_table.column("collection").to_pylist()
     targets = sorted(set(c for c in collections if c is not None))
-    collection_of = dict(zip(object_ids, collections))
     n = len(object_ids)
     n_batches = max(1, -(-n // cfg.batch_size))
     n_tasks = min(cfg.num_tasks or max(1, int(ray.available_resources().get("CPU", 1))), n_batches)

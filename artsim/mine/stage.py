@@ -22,8 +22,6 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 
-from artsim.rundir.embeddings import load_embedding_matrix
-from artsim.rundir.names import embeddings_key
 from artsim.config import MineConfig
 from artsim.console import say, table
 from artsim.errors import ArtsimError, ConfigError
@@ -32,16 +30,10 @@ from artsim.mine.strategies import (
     STRATEGIES, Annotation, Triplet, mine_annotations, mine_hard_negatives, mine_same_creator, mine_shared_terms,
     mine_text, text_neighbourhoods,
 )
+from artsim.rundir.embeddings import load_embedding_matrix
+from artsim.rundir.names import embeddings_key
+from artsim.rundir.schema import TRIPLETS_SCHEMA
 from artsim.storage import join
-
-TRIPLETS_SCHEMA = pa.schema([
-    ("anchor_id", pa.string()),
-    ("positive_id", pa.string()),
-    ("negative_id", pa.string()),
-    ("reason", pa.string()),
-    ("strategy", pa.string()),
-])
-
 
 @dataclass
 class MiningInputs:

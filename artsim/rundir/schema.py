@@ -64,3 +64,22 @@ def empty_record() -> dict:
 
 def records_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=RECORDS_SCHEMA)
+
+
+# triplets/: one row per (anchor, positive, negative); reason says why anchor and positive are alike.
+TRIPLETS_SCHEMA = pa.schema([
+    ("anchor_id", pa.string()),
+    ("positive_id", pa.string()),
+    ("negative_id", pa.string()),
+    ("reason", pa.string()),
+    ("strategy", pa.string()),
+])
+
+# links/<name>/: one row per (work, neighbour in another collection), rank 1 = most similar.
+LINKS_SCHEMA = pa.schema([
+    ("object_id", pa.string()),
+    ("neighbor_id", pa.string()),
+    ("rank", pa.int32()),
+    ("score", pa.float32()),
+    ("neighbor_collection", pa.string()),
+])
