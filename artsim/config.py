@@ -328,12 +328,26 @@ class ReportConfig:
     # map, clusters, tags, vocabulary and walks use at most this many works: a deterministic sample, stratified per
     # collection, of larger runs (the driver holds only their vectors); counts always describe the whole run
     max_works: int = 20_000
+    # data-quality audit (reports/<name>/audit.json + a section): completeness, duplicates, near-duplicate images,
+    # variant spellings, licences, failed image links by host
+    audit: bool = True
+    # neighbour sheets for these works (object ids) or clusters ("cluster:3"): nearest and farthest works in other
+    # collections, one printed page each (reports/<name>/sheets.html); empty: the works with the strongest links
+    sheets: list[str] = field(default_factory=list)
+    walk: list[str] = field(default_factory=list)  # [start id, end id]: a latent walk between two chosen works
 
     def check(self):
         if self.latent_walks < 0:
             yield "latent_walks", "must be 0 or more"
         if self.max_works < 3:
             yield "max_works", "must be 3 or more (the map and clusters need 3 works)"
+        if self.walk and (len(self.walk) != 2 or self.walk[0] == self.walk[1]):
+            yield "walk", "must be two different object ids: [start, end]"
+        for i, item in enumerate(self.sheets):
+            if not item.strip():
+                yield f"sheets.{i}", "must be an object id or cluster:N"
+            elif item.startswith("cluster:") and not item[len("cluster:"):].isdigit():
+                yield f"sheets.{i}", f"{item!r}: a cluster is named cluster:N with N a number (the report's numbering)"
 
 
 @dataclass
