@@ -322,7 +322,10 @@ class LinksConfig:
 class ReportConfig:
     name: str = "report"  # reports/<name>/index.html
     example_queries: int = 3  # demo: example queries printed at the end
-    suggest_tags: bool = True  # suggested subjects/concepts from visual neighbours, with a held-out evaluation
+    # suggested subjects/concepts from visual neighbours and label-to-metadata text similarity, with a held-out
+    # evaluation of each signal
+    suggest_tags: bool = True
+    tag_text_weight: float = 0.5  # weight of the text signal in suggested tags (0: neighbours only, no text model)
     classify_vocabulary: bool = True  # Europeana's 20 image categories from metadata text + image neighbours
     latent_walks: int = 2  # paths through the embedding space between works of different collections
     # map, clusters, tags, vocabulary and walks use at most this many works: a deterministic sample, stratified per
@@ -341,6 +344,8 @@ class ReportConfig:
             yield "latent_walks", "must be 0 or more"
         if self.max_works < 3:
             yield "max_works", "must be 3 or more (the map and clusters need 3 works)"
+        if not 0.0 <= self.tag_text_weight <= 1.0:
+            yield "tag_text_weight", "must be between 0 and 1"
         if self.walk and (len(self.walk) != 2 or self.walk[0] == self.walk[1]):
             yield "walk", "must be two different object ids: [start, end]"
         for i, item in enumerate(self.sheets):

@@ -200,10 +200,11 @@ def test_large_run_sheets_are_the_strongest_links_of_the_whole_table(tmp_path):
     assert strongest_links(ctx.storage, ctx.paths.links("m"), 12) == expected
     page = open(run_report(ctx)["report_uri"], encoding="utf-8").read()
     sheets = page[page.index("<h2>Neighbour sheets"):]
-    assert re.findall(r"<b>query</b><br>([^<]+)<br>", sheets) == expected
-    # each sheet shows that object's own links, in rank order
+    sheets = sheets[:sheets.index("<h2>", 4)]
+    assert re.findall(r"<b>work</b><br>([^<]+)<br>", sheets) == expected
+    # each sheet shows that object's own links, in rank order (then its farthest works, when it is sampled)
     first = links.filter(pc.equal(links["object_id"], expected[0])).sort_by("rank").column("neighbor_id")
-    row = sheets.split("<div class='sheet'>")[1]
+    row = sheets.split("<div class='sheet-page'>")[1].split("<h4>farthest")[0]
     assert re.findall(r"</b><br>([^<]+)<br>", row) == [expected[0]] + first.to_pylist()
 
 
