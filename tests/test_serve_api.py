@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from artsim.config import EmbedConfig, config_from_dict
-from artsim.index import run_index
-from artsim.index.testdata import clustered_vectors, embeddings_table, object_ids_for, records_for, write_run
+from artsim.index.stage import run_index
+from artsim.testing.index_data import clustered_vectors, embeddings_table, object_ids_for, records_for, write_run
 from artsim.runtime import RunContext
 from artsim.serve.app import create_app
 from artsim.serve.queries import Limits
@@ -173,6 +173,19 @@ def test_objects_and_tags(server, indexes):
         assert all(abs(a["score"] - b["score"]) < 2e-4 for a, b in zip(got, want))
         checked += bool(got)
     assert checked >= 5  # works without subjects do get suggestions, each with the neighbours behind it
+
+    # the text signal on request: each suggestion says which signal carried it, with its words or neighbours
+    with_words = 0
+    for object_id in indexes["object_ids"][:10]:
+        status, body = get(port, "/v1/test-model/tags", id=object_id, text_weight=0.5)
+        assert status == 200, body
+        for t in body["results"]:
+            assert abs(t["score"] - 0.5 * (t["text"] or 0) - 0.5 * (t["visual"] or 0)) < 2e-3
+            assert t["signal"] in ("text", "visual") and (t["evidence"] != []) == (t["visual"] is not None)
+            with_words += bool(t["words"])
+    assert with_words > 0
+    status, body = get(port, "/v1/test-model/tags", id=indexes["object_ids"][0], text_weight=2)
+    assert status in (400, 422) and "text_weight" in json.dumps(body)
 
 
 def _png_header(width: int, height: int) -> bytes:
