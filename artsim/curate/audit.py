@@ -253,7 +253,7 @@ _PARTICLES = {"van", "von", "de", "der", "den", "del", "della", "di", "da", "du"
               "y", "e", "dos", "das", "zu", "af", "of", "the"}
 _PAREN = re.compile(r"\([^)]*\)|\[[^\]]*\]")
 _NON_WORD = re.compile(r"[^\w\s]+")
-_DIGITS = re.compile(r"\d+")
+_YEARS = re.compile(r"\b(?:c\.\s*)?1\d{3}|\b20\d{2}")  # life dates ("1606–1669"); other numbers stay
 
 
 def fold(text: str) -> str:
@@ -269,10 +269,10 @@ def name_tokens(name: str) -> list[str]:
     text = _PAREN.sub(" ", str(name))
     if text.count(",") == 1:
         last, first = text.split(",")
-        if first.strip() and not _DIGITS.search(first):
+        if first.strip() and not _YEARS.search(first):
             text = f"{first} {last}"
-    words = [w for w in fold(_DIGITS.sub(" ", text)).split()]
-    return [w for w in words if w not in _PARTICLES and len(w) > 1]
+    words = fold(_YEARS.sub(" ", text)).split()
+    return [w for w in words if w not in _PARTICLES and (len(w) > 1 or w.isdigit())]
 
 
 def name_key(name: str) -> str:

@@ -164,10 +164,10 @@ def audit_html(audit: dict, meta: dict, thumbs: dict) -> str:
     collections = audit.get("collections") or {}
     if collections:
         fields = list(next(iter(collections.values()))["fields"])
-        rows = [[c, v["records"], _pct(v["licence_coverage"])] + [_pct(v["fields"][f]["share"]) for f in fields]
-                for c, v in collections.items()]
-        parts.append("<h3>Completeness per collection</h3>"
-                     + _table(["collection", "records", "licence", *fields], rows, "completeness"))
+        rows = [[c, v["records"]] + [_pct(v["fields"][f]["share"]) for f in fields] for c, v in collections.items()]
+        parts.append("<h3>Completeness per collection</h3><p>Share of records with each field filled in.</p>"
+                     "<div class='wide'>" + _table(["collection", "records", *fields], rows, "completeness")
+                     + "</div>")
         lic_rows = [[c, lic, n] for c, v in collections.items() for lic, n in v["licences"].items()]
         parts.append("<h3>Licences</h3>" + _table(["collection", "licence", "records"], lic_rows, "licences"))
     duplicates = audit.get("duplicates") or {}

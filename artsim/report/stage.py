@@ -447,7 +447,8 @@ thead th {{ background: #f4f4f4; }}
 .mapinfo {{ width: 22%; min-height: 200px; font-size: 13px; border: 1px solid #eee; padding: 8px; }}
 .mapinfo img {{ max-width: 100%; }} .info-title {{ font-weight: bold; }} .info-id {{ color: #888; }}
 .mapctl {{ margin: 0.5em 0; }} .key {{ margin-left: 1em; font-size: 12px; }}
-.pair {{ border: 1px solid #eee; padding: 4px; }}
+.pair {{ border: 1px solid #eee; padding: 4px; }} .wide {{ overflow-x: auto; max-width: 100%; }}
+table.completeness {{ font-size: 12px; }}
 .sheet-page {{ border-bottom: 1px solid #ddd; padding: 8px 0; }} h4 {{ margin: 6px 0 2px; }}
 {print_css}
 .row {{ display: flex; flex-wrap: wrap; gap: 8px; align-items: flex-start; }}
