@@ -348,7 +348,13 @@ class BoundedCounter:
         self.dropped = 0
 
     def update(self, values: Iterable) -> None:
-        for value, n in Counter(v for v in values if v is not None and str(v).strip()).items():
+        if isinstance(values, (pa.Array, pa.ChunkedArray)):  # count in Arrow: only distinct values reach Python
+            pairs = [(d["values"], d["counts"]) for d in pc.value_counts(values.drop_null()).to_pylist()]
+        else:
+            pairs = list(Counter(values).items())
+        for value, n in pairs:
+            if value is None or not str(value).strip():
+                continue
             if value in self.counts or len(self.counts) < self.max_distinct:
                 self.counts[value] += n
             else:

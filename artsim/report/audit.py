@@ -56,9 +56,9 @@ def _records_audit(storage, files, duplicate_budget) -> dict:
             total += batch.num_rows
             completeness.update(batch)
             if "creator" in batch.schema.names:
-                creators.update(batch.column("creator").to_pylist())
+                creators.update(batch.column("creator"))
             if "subjects" in batch.schema.names:
-                terms.update(pc.list_flatten(batch.column("subjects")).to_pylist())
+                terms.update(pc.list_flatten(batch.column("subjects")))
 
     def stream(column):
         def batches():
