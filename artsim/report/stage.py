@@ -85,10 +85,8 @@ def run_report(ctx) -> dict:
 
     clusters = _clusters(vectors, vector_ids) if has_vectors else None
     sheets = []
-    if sheet_ids and pool is not None or chosen_clusters:
+    if sheet_ids or chosen_clusters:  # without vectors a sheet has its links' nearest works only
         sheets = _sheets(sheet_ids, chosen_clusters, clusters, pool, pool_ids, sheet_links, meta)
-    elif sheet_ids:  # links but no vectors to compute the farthest works with
-        sheets = _sheets(sheet_ids, [], None, None, [], sheet_links, meta)
 
     audit = None
     if cfg.audit:
