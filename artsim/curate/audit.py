@@ -239,15 +239,27 @@ def near_duplicate_pairs(vectors: np.ndarray, min_cosine: float, k: int = 5,
     n = len(vectors)
     if n < 2:
         return []
-    centred = np.asarray(vectors, dtype=np.float32) - np.asarray(vectors, dtype=np.float32).mean(axis=0)
-    norms = np.linalg.norm(centred, axis=1, keepdims=True)
-    centred = np.ascontiguousarray(centred / np.maximum(norms, 1e-12), dtype=np.float32)
-    search = centred
-    if centred.shape[1] > search_dim:
-        fit = centred[np.random.default_rng(0).choice(n, min(n, 4 * search_dim + 1_000), replace=False)]
-        _, _, vt = np.linalg.svd(fit, full_matrices=False)
-        search = centred @ vt[:search_dim].T
-        search = np.ascontiguousarray(search / np.maximum(np.linalg.norm(search, axis=1, keepdims=True), 1e-12))
+    vectors = np.asarray(vectors, dtype=np.float32)
+    mean = vectors.mean(axis=0)
+    block = 4_096  # the centred matrix is never held whole: memory is the n x search_dim projection
+    norms = np.concatenate([np.linalg.norm(vectors[s:s + block] - mean, axis=1) for s in range(0, n, block)])
+    norms = np.maximum(norms, 1e-12)
+
+    def centred(rows):
+        return (vectors[rows] - mean) / norms[rows, None]
+
+    basis = None
+    if vectors.shape[1] > search_dim:
+        fit = centred(np.sort(np.random.default_rng(0).choice(n, min(n, 4 * search_dim + 1_000), replace=False)))
+        basis = np.linalg.svd(fit, full_matrices=False)[2][:search_dim].T
+    parts = []
+    for s in range(0, n, block):
+        part = centred(np.arange(s, min(n, s + block)))
+        if basis is not None:
+            part = part @ basis
+            part /= np.maximum(np.linalg.norm(part, axis=1, keepdims=True), 1e-12)
+        parts.append(part.astype(np.float32))
+    search = np.ascontiguousarray(np.concatenate(parts))
     index = faiss.IndexFlatIP(search.shape[1])
     index.add(search)
     _, idx = index.search(search, int(min(k + 1, n)))
@@ -256,9 +268,12 @@ def near_duplicate_pairs(vectors: np.ndarray, min_cosine: float, k: int = 5,
         for j in idx[i]:
             if j < 0 or j == i:
                 continue
-            s = float(centred[i] @ centred[int(j)])
+            a, b = min(i, int(j)), max(i, int(j))
+            if (a, b) in out:
+                continue
+            s = float((vectors[a] - mean) @ (vectors[b] - mean) / (norms[a] * norms[b]))
             if s >= min_cosine:
-                out[(min(i, int(j)), max(i, int(j)))] = s
+                out[(a, b)] = s
     return sorted(((i, j, s) for (i, j), s in out.items()), key=lambda x: (-x[2], x[0], x[1]))
 
 

@@ -31,6 +31,14 @@ MAX_PAIRS = 40  # near-duplicate pairs listed (each with two thumbnails); the co
 
 def run_audit(storage, paths, vector_ids: list, vectors: Optional[np.ndarray], max_images: int,
               duplicate_budget: int = 2_000_000) -> dict:
+    """The whole audit; the report stage runs ``audit_records_and_images`` first (before it holds anything else,
+    so the peaks do not add up) and ``embedding_pairs`` once it has the sampled vectors."""
+    out = audit_records_and_images(storage, paths, max_images, duplicate_budget)
+    out["near_duplicate_embeddings"] = embedding_pairs(vector_ids, vectors) if vectors is not None else None
+    return out
+
+
+def audit_records_and_images(storage, paths, max_images: int, duplicate_budget: int = 2_000_000) -> dict:
     records_files = storage.dataset_files(paths.records) if storage.is_complete(paths.records) else []
     out: dict = {"records": 0, "collections": {}}
     if records_files:
@@ -42,7 +50,6 @@ def run_audit(storage, paths, vector_ids: list, vectors: Optional[np.ndarray], m
     else:
         out["image_links"] = None
         out["near_duplicate_images"] = None
-    out["near_duplicate_embeddings"] = _embedding_pairs(vector_ids, vectors) if vectors is not None else None
     return out
 
 
@@ -156,7 +163,7 @@ def _perceptual_pairs(storage, files, max_images: int) -> dict:
             "across_collections": sum(p["across_collections"] for p in pairs), "pairs": pairs[:MAX_PAIRS]}
 
 
-def _embedding_pairs(vector_ids: list, vectors: np.ndarray) -> dict:
+def embedding_pairs(vector_ids: list, vectors: np.ndarray) -> dict:
     found = near_duplicate_pairs(vectors, EMBEDDING_MIN_COSINE)
     pairs = [{"a": vector_ids[i], "b": vector_ids[j], "centred_cosine": round(s, 4),
               "across_collections": collection_of(vector_ids[i]) != collection_of(vector_ids[j])}

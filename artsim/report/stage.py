@@ -46,6 +46,12 @@ def run_report(ctx) -> dict:
     images_report = read_json_or_none(storage, paths.images_report)
     ingest_report = read_json_or_none(storage, paths.ingest_report)
 
+    audit = None
+    if cfg.audit:  # first, before the report holds anything else: the peaks of the two do not add up
+        from artsim.report.audit import audit_records_and_images
+
+        audit = audit_records_and_images(storage, paths, cfg.max_works)
+
     embeddings_uri, sample = report_sample(ctx, cfg.max_works)
     vector_ids, vectors = read_sample_vectors(ctx.storage, sample) if sample.rows is not None else ([], None)
     has_vectors = vectors is not None and len(vector_ids) >= 3
@@ -88,11 +94,10 @@ def run_report(ctx) -> dict:
     if sheet_ids or chosen_clusters:  # without vectors a sheet has its links' nearest works only
         sheets = _sheets(sheet_ids, chosen_clusters, clusters, pool, pool_ids, sheet_links, meta)
 
-    audit = None
-    if cfg.audit:
-        from artsim.report.audit import audit_shown_ids, run_audit
+    if audit is not None:
+        from artsim.report.audit import audit_shown_ids, embedding_pairs
 
-        audit = run_audit(storage, paths, vector_ids, vectors if has_vectors else None, cfg.max_works)
+        audit["near_duplicate_embeddings"] = embedding_pairs(vector_ids, vectors) if has_vectors else None
         storage.write_json(join(paths.report(cfg.name), "audit.json"), audit)
 
     # Thumbnails only for the works shown (streamed), so the page stays small for any collection size.
