@@ -33,7 +33,7 @@ DEFAULT_DATA = REPO.parent / "shared" / "data"
 
 
 def build(data: Path, root: Path) -> RunContext:
-    records, images = [], []
+    records = []
     for part in ("met_sample", "met_more"):
         for rec in parse_met_api(json.loads((data / part / "met_api_objects.json").read_text("utf-8")), "met"):
             if isinstance(rec, dict):
