@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PIP := $(VENV)/bin/pip
 
-.PHONY: demo test install install-dev clean
+.PHONY: demo test install install-dev browser clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,12 +19,16 @@ $(VENV)/.dev: requirements-dev.txt $(VENV)/.runtime
 	touch $@
 
 install: $(VENV)/.runtime
-install-dev: $(VENV)/.dev
+install-dev: $(VENV)/.dev browser
+
+# Debian's chromium for tests/test_report_browser.py (Playwright drives this system browser); skipped when present
+browser:
+	@test -x /usr/bin/chromium || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 demo: $(VENV)/.runtime
 	$(VENV)/bin/artsim demo
 
-test: $(VENV)/.dev
+test: $(VENV)/.dev browser
 	$(VENV)/bin/lint-imports --config pyproject.toml
 	$(VENV)/bin/python -m pytest -q -ra tests
 

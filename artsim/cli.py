@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -61,12 +62,24 @@ def _stage_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--retry-failed", action="store_true",
                    help="download: also refetch records whose committed status is retryable (http_error, "
                         "timeout); internal_error records are refetched by every run")
+    p.add_argument("--walk", nargs=2, metavar=("START_ID", "END_ID"),
+                   help="report: a latent walk between these two works (same as report.walk)")
+    p.add_argument("--sheet", dest="sheets", action="append", default=[], metavar="ID|cluster:N",
+                   help="report: a printable neighbour sheet for this work or cluster (repeatable; report.sheets)")
     return p
 
 
 def stage_main(stage: str, argv: list[str]) -> int:
     """Entry point shared by `artsim STAGE` and `python jobs/STAGE.py`."""
-    args = _stage_parser(f"artsim {stage}").parse_args(argv)
+    parser = _stage_parser(f"artsim {stage}")
+    args = parser.parse_args(argv)
+    if (args.walk or args.sheets) and stage not in ("report", "pipeline"):
+        parser.error("--walk and --sheet are options of the report stage")
+    # as config overrides (JSON is YAML), so they are validated like report.walk / report.sheets in a file
+    if args.walk:
+        args.overrides.append(f"report.walk={json.dumps(args.walk)}")
+    if args.sheets:
+        args.overrides.append(f"report.sheets={json.dumps(args.sheets)}")
     return run_command(lambda: _run_stage(stage, args))
 
 

@@ -395,18 +395,38 @@ class LinksConfig:
 class ReportConfig:
     name: str = "report"  # reports/<name>/index.html
     example_queries: int = 3  # demo: example queries printed at the end
-    suggest_tags: bool = True  # suggested subjects/concepts from visual neighbours, with a held-out evaluation
+    # suggested subjects/concepts from visual neighbours and label-to-metadata text similarity, with a held-out
+    # evaluation of each signal
+    suggest_tags: bool = True
+    tag_text_weight: float = 0.5  # weight of the text signal in suggested tags (0: neighbours only, no text model)
     classify_vocabulary: bool = True  # Europeana's 20 image categories from metadata text + image neighbours
     latent_walks: int = 2  # paths through the embedding space between works of different collections
     # map, clusters, tags, vocabulary and walks use at most this many works: a deterministic sample, stratified per
     # collection, of larger runs (the driver holds only their vectors); counts always describe the whole run
     max_works: int = 20_000
+    # data-quality audit (reports/<name>/audit.json + a section): completeness, duplicates, near-duplicate images,
+    # variant spellings, licences, failed image links by host
+    audit: bool = True
+    # neighbour sheets for these works (object ids) or clusters ("cluster:3"): nearest and farthest works in other
+    # collections, one printed page each (reports/<name>/sheets.html); empty: the works with the strongest links
+    sheets: list[str] = field(default_factory=list)
+    walk: list[str] = field(default_factory=list)  # [start id, end id]: a latent walk between two chosen works
 
     RANGES = {
         "example_queries": Range(0, 1000),
         "latent_walks": Range(0, 1000),
         "max_works": Range(3, 10_000_000),  # the map and clusters need 3 works
+        "tag_text_weight": Range(0, 1),
     }
+
+    def check(self):
+        if self.walk and (len(self.walk) != 2 or self.walk[0] == self.walk[1]):
+            yield "walk", "must be two different object ids: [start, end]"
+        for i, item in enumerate(self.sheets):
+            if not item.strip():
+                yield f"sheets.{i}", "must be an object id or cluster:N"
+            elif item.startswith("cluster:") and not item[len("cluster:"):].isdigit():
+                yield f"sheets.{i}", f"{item!r}: a cluster is named cluster:N with N a number (the report's numbering)"
 
 
 @dataclass

@@ -95,7 +95,7 @@ def prepare(n: int, dim: int, files: int) -> str:
     return root
 
 
-def report(root: str, version: str, rev: str, curate: bool, max_works: int) -> dict:
+def report(root: str, version: str, rev: str, curate: bool, max_works: int, audit: bool = True) -> dict:
     import faiss  # noqa: F401  (imported up front, so that "before" includes the libraries the stage would
     import matplotlib.pyplot  # noqa: F401   import lazily: mapped code, not data)
     import pyarrow.dataset  # noqa: F401
@@ -119,6 +119,7 @@ def report(root: str, version: str, rev: str, curate: bool, max_works: int) -> d
     report_cfg = {"name": f"bench-{version}", "suggest_tags": curate, "classify_vocabulary": curate}
     if version == "new":
         report_cfg["max_works"] = max_works
+        report_cfg["audit"] = audit
     ctx = RunContext(config_from_dict({"run": {"root": root}, "index": {"embeddings": "bench"},
                                        "report": report_cfg}))
     before = status_mib("VmRSS")
@@ -126,7 +127,8 @@ def report(root: str, version: str, rev: str, curate: bool, max_works: int) -> d
     summary = run_report(ctx)
     seconds = time.perf_counter() - start
     peak = status_mib("VmHWM")
-    return {"version": version, "curate": curate, "max_works": max_works if version == "new" else None,
+    return {"version": version, "curate": curate, "audit": audit if version == "new" else None,
+            "max_works": max_works if version == "new" else None,
             "sampled_works": summary.get("sampled_works"), "page_mb": round(summary["bytes"] / 1e6, 2),
             "run_report_s": round(seconds, 1), "driver_rss_before_mib": round(before, 1),
             "driver_peak_rss_mib": round(peak, 1), "driver_added_mib": round(peak - before, 1)}
@@ -141,11 +143,12 @@ def main() -> None:
     ap.add_argument("--versions", default="new,old")
     ap.add_argument("--rev", default="b5996b0", help="git revision of the old report module")
     ap.add_argument("--no-curate", action="store_true")
+    ap.add_argument("--no-audit", action="store_true", help="new version: without the data-quality audit")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--version", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        result = report(args.child, args.version, args.rev, not args.no_curate, args.max_works)
+        result = report(args.child, args.version, args.rev, not args.no_curate, args.max_works, not args.no_audit)
         print("RESULT " + json.dumps(result), flush=True)
         return
     start = time.perf_counter()
@@ -155,7 +158,8 @@ def main() -> None:
           f"{args.n * args.dim * 4 / 2**20:.1f} MiB", flush=True)
     for version in args.versions.split(","):
         cmd = [sys.executable, __file__, "--child", root, "--version", version, "--rev", args.rev,
-               "--max-works", str(args.max_works)] + (["--no-curate"] if args.no_curate else [])
+               "--max-works", str(args.max_works)] + (["--no-curate"] if args.no_curate else []) + (
+                   ["--no-audit"] if args.no_audit else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not lines:

@@ -99,3 +99,82 @@ def test_html_escapes_record_text_and_drops_script_links():
     page = tag_recommendations_html(recs, {r["object_id"]: r for r in records}, {})
     assert "&lt;b&gt;tag&lt;/b&gt;" in page and "&lt;script&gt;" in page
     assert "<script>" not in page and "javascript:" not in page
+
+
+# -- the text signal and the ensemble (real offline sentence model) ------------------------------------------------
+
+from artsim.curate import evaluate_tag_signals  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    from artsim.text import load_sentence_encoder
+
+    return load_sentence_encoder()
+
+
+def _themed_records():
+    """Works whose titles say what they show; tags are the themes; image vectors carry no theme (random)."""
+    themes = {"Horses": ["Two horses grazing", "A horse and rider", "Cavalry horses at rest", "Horse race"],
+              "Ships": ["Ships in a harbour", "A sailing ship in a storm", "Fishing boats at sea", "Naval battle"],
+              "Flowers": ["Still life with roses", "Tulips in a vase", "A bouquet of flowers", "Lilies"]}
+    records = []
+    for theme, titles in themes.items():
+        for i, title in enumerate(titles):
+            records.append({"object_id": f"t:{theme}{i}", "title": title, "medium": "Oil on canvas",
+                            "subjects": [theme]})
+    return records
+
+
+def test_text_signal_suggests_the_tag_the_title_names_with_its_words(encoder):
+    records = _themed_records()
+    records.append({"object_id": "t:new", "title": "Horsemen crossing a river", "subjects": []})
+    ids = [r["object_id"] for r in records]
+    vectors = np.random.default_rng(0).normal(size=(len(ids), 32)).astype(np.float32)
+    out = recommend_tags(records, vectors, ids, k=5, min_support=2, text_encoder=encoder, text_weight=1.0,
+                         only={"t:new"})
+    assert [r["object_id"] for r in out] == ["t:new"]
+    best = out[0]["tags"][0]
+    assert best["tag"] == "Horses" and best["signal"] == "text" and best["text"] > 0
+    assert best["words"] and best["words"][0]["word"] == "horsemen"
+    # the work's own tags are never suggested, and its tags are not part of the text it is compared with
+    tagged = recommend_tags(records, vectors, ids, k=5, min_support=2, text_encoder=encoder, only={"t:Ships0"})
+    assert all(t["tag"] != "Ships" for r in tagged for t in r["tags"])
+
+
+def test_ensemble_keeps_visual_evidence_and_text_words(encoder, synthetic):
+    spec, records, ids = synthetic
+    records = [dict(r, concepts=[]) for r in records]
+    out = recommend_tags(records, factor_vectors(records, spec), ids, k=10, min_support=3, text_encoder=encoder,
+                         text_weight=0.5, only=set(ids[:20]))
+    assert 0 < len(out) <= 20
+    for rec in out:
+        for tag in rec["tags"]:
+            assert tag["visual"] is not None or tag["text"] is not None
+            expected = 0.5 * (tag["text"] or 0) + 0.5 * (tag["visual"] or 0)
+            assert abs(tag["score"] - expected) < 1e-3
+            assert (tag["evidence"] != []) == (tag["visual"] is not None)
+
+
+def test_signal_evaluation_hides_tags_and_ranks_signals_honestly(encoder, synthetic):
+    spec, records, ids = synthetic
+    records = [dict(r, concepts=[]) for r in records]
+    good = evaluate_tag_signals(records, factor_vectors(records, spec), ids, text_encoder=encoder, hide=0.5,
+                                max_works=120)
+    assert good["works_evaluated"] == 120 and set(good) >= {"visual", "text", "ensemble", "popularity"}
+    for name in ("visual", "text", "ensemble", "popularity"):
+        assert 0 <= good[name]["precision_at_5"] <= 1 and 0 <= good[name]["recall_at_5"] <= 1
+    # synthetic titles do not name the motif: text is no help; a motif-aware embedding is
+    assert good["visual"]["recall_at_5"] > good["popularity"]["recall_at_5"] + 0.3
+    blind = evaluate_tag_signals(records, factor_vectors(records, spec, motif_weight=0.0), ids, hide=0.5,
+                                 max_works=120)
+    assert blind["visual"]["recall_at_5"] < good["visual"]["recall_at_5"] - 0.3
+    assert "text" not in blind  # no encoder: no text signal claimed
+
+    themed = _themed_records()
+    tids = [r["object_id"] for r in themed]
+    rand = np.random.default_rng(0).normal(size=(len(tids), 32)).astype(np.float32)
+    m = evaluate_tag_signals(themed, rand, tids, text_encoder=encoder, hide=0.3, seed=1)
+    assert m["text"]["recall_at_5"] >= 0.99  # the titles name the theme
+    with pytest.raises(ArtsimError, match="hide"):
+        evaluate_tag_signals(themed, rand, tids, hide=1.0)

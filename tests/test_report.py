@@ -4,6 +4,7 @@ import re
 
 import numpy as np
 import pyarrow as pa
+import pytest
 
 from artsim.config import config_from_dict
 from artsim.report.stage import run_report
@@ -200,10 +201,11 @@ def test_large_run_sheets_are_the_strongest_links_of_the_whole_table(tmp_path):
     assert strongest_links(ctx.storage, ctx.paths.links("m"), 12) == expected
     page = open(run_report(ctx)["report_uri"], encoding="utf-8").read()
     sheets = page[page.index("<h2>Neighbour sheets"):]
-    assert re.findall(r"<b>query</b><br>([^<]+)<br>", sheets) == expected
-    # each sheet shows that object's own links, in rank order
+    sheets = sheets[:sheets.index("<h2>", 4)]
+    assert re.findall(r"<b>work</b><br>([^<]+)<br>", sheets) == expected
+    # each sheet shows that object's own links, in rank order (then its farthest works, when it is sampled)
     first = links.filter(pc.equal(links["object_id"], expected[0])).sort_by("rank").column("neighbor_id")
-    row = sheets.split("<div class='sheet'>")[1]
+    row = sheets.split("<div class='sheet-page'>")[1].split("<h4>farthest")[0]
     assert re.findall(r"</b><br>([^<]+)<br>", row) == [expected[0]] + first.to_pylist()
 
 
@@ -269,3 +271,39 @@ def test_large_run_driver_memory_stays_far_below_the_vectors(tmp_path):
     print(f"report driver peaks, MiB: sampled numpy/Python {sampled['traced_peak'] / 2**20:.1f}, Arrow "
           f"{sampled['arrow_peak'] / 2**20:.1f}; whole matrix {whole['traced_peak'] / 2**20:.1f}, "
           f"{whole['arrow_peak'] / 2**20:.1f}; vectors {vector_bytes / 2**20:.1f}")
+
+
+def test_chosen_sheets_and_walk_from_the_command_line(tmp_path):
+    import yaml
+
+    from artsim.cli import main
+    from artsim.errors import ArtsimError
+
+    ctx, recs = _run_dir(tmp_path)
+    a, b, c = recs[1]["object_id"], recs[10]["object_id"], recs[4]["object_id"]
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"run": {"root": ctx.paths.root}, "index": {"embeddings": "m"},
+                                   "report": {"classify_vocabulary": False, "suggest_tags": False,
+                                              "latent_walks": 0}}))
+    assert main(["report", "-c", str(cfg), "--walk", a, b, "--sheet", c, "--sheet", "cluster:1"]) == 0
+    report_dir = tmp_path / "run" / "reports" / "report"
+    page = (report_dir / "index.html").read_text(encoding="utf-8")
+    assert f"<h2>Latent walk: {a} → {b}</h2>" in page
+    sheets = (report_dir / "sheets.html").read_text(encoding="utf-8")
+    assert sheets.count("<div class='sheet-page'>") == 2 and "@page" in sheets and "break-after: page" in sheets
+    first = sheets.split("<div class='sheet-page'>")[1]
+    assert f"<b>work</b><br>{c}<br>" in first
+    # farthest works are in other collections and ordered from the least similar
+    far = re.findall(r"<b>(-?\d\.\d{3})</b><br>(\w+):", first.split("<h4>farthest")[1])
+    assert far and all(coll != c.split(":")[0] for _, coll in far)
+    assert [float(s) for s, _ in far] == sorted(float(s) for s, _ in far)
+    assert "cluster 1:" in sheets.split("<div class='sheet-page'>")[2]
+
+    ctx.config.report.walk = [a, "x:not-embedded"]
+    with pytest.raises(ArtsimError, match="x:not-embedded.*no embedding"):
+        run_report(ctx)
+    ctx.config.report.walk = []
+    ctx.config.report.sheets = ["cluster:99"]
+    with pytest.raises(ArtsimError, match="cluster:99 does not exist"):
+        run_report(ctx)
+    assert main(["report", "-c", str(cfg), "--sheet", "cluster:x"]) == 2  # a config error, named

@@ -174,6 +174,19 @@ def test_objects_and_tags(server, indexes):
         checked += bool(got)
     assert checked >= 5  # works without subjects do get suggestions, each with the neighbours behind it
 
+    # the text signal on request: each suggestion says which signal carried it, with its words or neighbours
+    with_words = 0
+    for object_id in indexes["object_ids"][:10]:
+        status, body = get(port, "/v1/test-model/tags", id=object_id, text_weight=0.5)
+        assert status == 200, body
+        for t in body["results"]:
+            assert abs(t["score"] - 0.5 * (t["text"] or 0) - 0.5 * (t["visual"] or 0)) < 2e-3
+            assert t["signal"] in ("text", "visual") and (t["evidence"] != []) == (t["visual"] is not None)
+            with_words += bool(t["words"])
+    assert with_words > 0
+    status, body = get(port, "/v1/test-model/tags", id=indexes["object_ids"][0], text_weight=2)
+    assert status in (400, 422) and "text_weight" in json.dumps(body)
+
 
 def _png_header(width: int, height: int) -> bytes:
     """A PNG whose header claims width x height (the pixel cap must refuse it before any decoding)."""

@@ -241,3 +241,28 @@ def thumbnails(storage, images_uri: str, wanted: set[str]) -> dict[str, str]:
                 except Exception:  # a bad stored image only loses its thumbnail
                     continue
     return out
+
+
+def read_vectors_for_ids(storage, embeddings_uri: str, object_ids: set) -> dict[str, np.ndarray]:
+    """object_id -> float32 L2-normalised vector for the given works (streamed over the embeddings; the first good
+    row of an id wins, as in read_sample_vectors). Works without a usable vector are absent."""
+    from artsim.rundir.embeddings import max_list_length, vector_batch
+
+    out: dict[str, np.ndarray] = {}
+    if not object_ids:
+        return out
+    value_set = pa.array(sorted(object_ids), pa.string())
+    for file_uri in storage.dataset_files(embeddings_uri):
+        for batch in storage.iter_batches(file_uri, ["object_id", "embedding"], _VECTOR_BATCH_ROWS):
+            mask = pc.fill_null(pc.is_in(batch.column("object_id"), value_set=value_set), False)
+            if not pc.any(mask).as_py():
+                continue
+            picked = batch.filter(mask)
+            dim = max_list_length(picked.column(1))
+            if not dim:
+                continue
+            vectors, good, _ = vector_batch(picked.column(1), dim)
+            for r, object_id in enumerate(picked.column(0).to_pylist()):
+                if good[r] and object_id not in out:
+                    out[object_id] = vectors[r].astype(np.float32)
+    return out

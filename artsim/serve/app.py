@@ -170,12 +170,15 @@ def create_app(registry: IndexRegistry, limits: Optional[Limits] = None, threads
             return json_response({"results": [ix.metadata(object_id)]})
 
     @app.get("/v1/{index}/tags", summary="Suggested tags with the neighbours behind each (as the report)")
-    def get_tags(index: str, id: str = Query(..., description="object_id of an indexed work")):
+    def get_tags(index: str, id: str = Query(..., description="object_id of an indexed work"),
+                 text_weight: float = Query(0.0, ge=0.0, le=1.0, description=(
+                     "weight of the text signal (tag label vs the work's metadata; loads the offline sentence "
+                     "model on first use); 0: neighbours only, as the report's visual signal"))):
         from artsim.serve.tags import suggest_tags
 
         with slot_of(index).lease() as (ix, cache):
             known(ix, id)
-            return json_response({"object_id": id, "results": suggest_tags(ix, cache, id)})
+            return json_response({"object_id": id, "results": suggest_tags(ix, cache, id, text_weight=text_weight)})
 
     return app
 
