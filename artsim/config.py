@@ -187,6 +187,9 @@ class DownloadConfig:
 
     # Upper bounds: an image is decoded at full size (max_pixels x 3 bytes) by each of fetch_threads threads.
     RANGES = {
+        "min_width": Range(0, 100_000),
+        "min_height": Range(0, 100_000),
+        "max_aspect_ratio": Range(1, 1_000),
         "image_size": Range(16, 8192),
         "per_host_connections": Range(1, 256),
         "per_host_requests_per_second": Range(0, 100_000, low_open=True),  # local mirrors: 10_000
@@ -209,12 +212,6 @@ class DownloadConfig:
     def check(self):
         if self.backoff_max_s < self.backoff_base_s:
             yield "backoff_max_s", "backoff needs 0 <= backoff_base_s <= backoff_max_s"
-        if self.min_width < 0:
-            yield "min_width", "must be 0 or more"
-        if self.min_height < 0:
-            yield "min_height", "must be 0 or more"
-        if self.max_aspect_ratio is not None and self.max_aspect_ratio < 1:
-            yield "max_aspect_ratio", "must be at least 1 (long side / short side), or null"
         if not self.user_agent.strip() or any(c in self.user_agent for c in "\r\n"):
             yield "user_agent", "must be a non-empty single line"
 

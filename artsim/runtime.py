@@ -152,7 +152,9 @@ def ensure_ray(config: Config) -> None:
     if target.address is None:
         # A private Ray: never attach to another process's Ray on this machine.
         # logging_level: Ray's own "Started a local Ray instance" INFO line is not for users; artsim prints which
-        # cluster it joined (cluster_line), and a user error stays the only line on stderr.
+        # cluster it joined (cluster_line), and a user error stays the only line on stderr. Likewise the notice that
+        # token authentication is on: for a private Ray the token never leaves this machine.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(address="local", num_cpus=config.ray.num_cpus, include_dashboard=False, logging_level=logging.WARNING,
                  runtime_env={"worker_process_setup_hook": "artsim.runtime.quiet_local_worker"}, **kwargs)
     else:

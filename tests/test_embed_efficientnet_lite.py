@@ -141,7 +141,7 @@ def test_artifact_round_trip_head_and_finetuned_backbone(tmp_path, pretrained):
 
 def test_serving_rebuilds_it_from_the_model_description(pretrained):
     """An index's manifest carries embeddings/<key>/_model.json; `--image` queries rebuild the model from it."""
-    from artsim.serving import embedder_for_manifest
+    from artsim.serving.sharded_index import embedder_for_manifest
 
     rebuilt = embedder_for_manifest(pretrained.describe(), Storage())
     assert rebuilt.weights_id == pretrained.weights_id and rebuilt.spec == pretrained.spec

@@ -144,7 +144,8 @@ def test_submitted_pipeline_joins_the_cluster_it_was_submitted_to(ray_head, met_
     overrides = [
         "ray.address=null",  # the default users have: join what the job was submitted to
         f"run.root={run_root}", "pipeline.stages=[ingest,download,embed,index]",
-        "embed.model=resnet18", "embed.batch_size=16", "embed.image_size=64", "index.embeddings=resnet18",
+        "embed.model=resnet18", "embed.weights=null", "embed.batch_size=16", "embed.image_size=64",
+        "index.embeddings=resnet18",
         f"sources.0.image_url_template={met_image_server}/met_{{local_id}}.jpg",
         f"sources.1.image_url_template={met_image_server}/met_{{local_id}}.jpg"]
     args = ["job", "submit", "--address", dashboard, "--submission-id", submission_id, "--working-dir", str(REPO),

@@ -198,9 +198,10 @@ class TrainWorkerKiller(threading.Thread):
 
     def run(self):
         deadline = time.monotonic() + self.timeout_s
+        started = _now_ticks()
         while not self.done.is_set() and time.monotonic() < deadline:
             if self._checkpoint_epoch() >= self.after_epoch:
-                pids = train_worker_pids()
+                pids = train_worker_pids(started_after=started)
                 if pids:
                     os.kill(max(pids), signal.SIGKILL)
                     self.killed_pid = max(pids)
@@ -224,13 +225,24 @@ def _descends_from_this_process(pid: int) -> bool:
     return False
 
 
-def train_worker_pids() -> list[int]:
-    """Processes of this test's Ray whose title Ray set to a Ray Train worker (``ray::RayTrainWorker...``)."""
+def _start_ticks(pid) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[19])  # field 22, starttime, in clock ticks since boot
+
+
+def _now_ticks() -> int:
+    return int(float(Path("/proc/uptime").read_text().split()[0]) * os.sysconf("SC_CLK_TCK"))
+
+
+def train_worker_pids(started_after: int = 0) -> list[int]:
+    """Processes of this test's Ray whose title Ray set to a Ray Train worker (``ray::RayTrainWorker...``), started
+    after ``started_after`` (clock ticks since boot): a worker of an earlier run in this Ray is not this run's."""
     pids = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
                 if ((proc / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker")
+                        and _start_ticks(proc.name) >= started_after
                         and _descends_from_this_process(int(proc.name))):
                     pids.append(int(proc.name))
             except (OSError, ValueError):
@@ -358,7 +370,7 @@ def test_resubmitting_the_same_run_name_resumes(head_run):
     tree = json.loads(json.dumps(head_run["tree"]))
     tree["train"]["epochs"] = 4
     summary = run_train(RunContext(config_from_dict(tree)))
-    assert [s["start_epoch"] for s in summary["sessions"]] == [1, 2, 4]  # picked up after epoch 3
+    assert [s["start_epoch"] for s in summary["sessions"]] == [1, 4]  # picked up after epoch 3
     assert summary["epochs"] == 4 and [h["epoch"] for h in json.loads(head_run["ctx"].storage.read_text(
         f"{head_run['ctx'].paths.model('similarity')}/history.json"))["history"]] == [0, 1, 2, 3, 4]
 

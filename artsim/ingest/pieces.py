@@ -11,7 +11,7 @@ import csv
 import io
 import json
 import posixpath
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from artsim.errors import ArtsimError
 from artsim.ingest.common import BadRow
@@ -43,9 +43,9 @@ def read_segment(storage: Storage, source, key: str, segment: Segment, csv_bound
     if segment.mode == "csv_range":
         if csv_bounds is None:
             raise ValueError("csv_range needs its resolved bounds")
-        items = _csv_range(storage, source, key, uri, *csv_bounds)
+        items = _csv_range(storage, source, key, uri, *csv_bounds, budget=budget)
     elif segment.mode == "jsonl_range":
-        items = _jsonl_range(storage, source, key, uri, segment.start, segment.end)
+        items = _jsonl_range(storage, source, key, uri, segment.start, segment.end, budget=budget)
     elif segment.mode == "json_stream":
         items = _json_stream(storage, source, key, uri)
     else:
@@ -146,12 +146,15 @@ def _csv_header(storage: Storage, source, key: str, uri: str) -> list[str]:
     return header
 
 
-def _csv_rows(reader, header: list[str], start: int) -> Iterator[tuple[str, Any]]:
-    """(position, row dict | BadRow) like artsim.ingest.readers.CsvSource, positions relative to the range."""
+def _csv_rows(reader, header: list[str], start: int, lines=None) -> Iterator[tuple[str, Any]]:
+    """(position, row dict | BadRow) like artsim.ingest.readers.CsvSource, positions relative to the range;
+    ``lines`` (readers._BoundedLines): the row-length cap, reset at each row."""
     n = len(header)
     row_number = errors_in_a_row = 0
     where = f" after byte {start}" if start else ""
     while True:
+        if lines is not None:
+            lines.start_row()
         try:
             values = next(reader)
         except StopIteration:
@@ -175,7 +178,11 @@ def _csv_rows(reader, header: list[str], start: int) -> Iterator[tuple[str, Any]
         yield position, dict(zip(header, values))
 
 
-def _csv_range(storage: Storage, source, key: str, uri: str, start: int, end: int) -> Iterator[dict | BadRow]:
+def _csv_range(storage: Storage, source, key: str, uri: str, start: int, end: int,
+               budget: Any = None) -> Iterator[dict | BadRow]:
+    """The CSV records that start in [start, end), within the same row and field caps as a whole-file read
+    (``budget``: artsim.ingest.readers.SourceBudget; its byte cap counts the range's bytes)."""
+    from artsim.ingest.readers import _BoundedLines, _budget
     from artsim.ingest.met_csv import parse_met_csv
     from artsim.ingest.table import parse_table, resolve_mapping
 
@@ -187,19 +194,24 @@ def _csv_range(storage: Storage, source, key: str, uri: str, start: int, end: in
     try:
         stream = io.TextIOWrapper(buffered, encoding="utf-8-sig" if start == 0 else "utf-8", errors="replace",
                                   newline="")
+        limits = _budget(budget).limits
+        csv.field_size_limit(limits.max_field_chars)  # process-wide, as CsvSource sets it
+        lines = _BoundedLines(stream, limits.max_row_chars)
         delimiter = "\t" if uri.lower().removesuffix(".gz").endswith(".tsv") else ","
-        reader = csv.reader(stream, delimiter=delimiter)
+        reader = csv.reader(lines, delimiter=delimiter)
         if start == 0:
             next(reader, None)  # the header
-        rows = _csv_rows(reader, header, start)
+        rows = _csv_rows(reader, header, start, lines)
         yield from (parse_met_csv(rows, source.collection) if mapping is None
                     else parse_table(rows, source.collection, mapping))
     finally:
         raw.close()
 
 
-def _lines(storage: Storage, uri: str, start: int, end: int) -> Iterator[tuple[str, bytes]]:
-    """The lines that start in [start, end) (the last one read to its end, past ``end``)."""
+def _lines(storage: Storage, uri: str, start: int, end: int,
+           max_chars: Optional[int] = None) -> Iterator[tuple[str, bytes | None]]:
+    """The lines that start in [start, end) (the last one read to its end, past ``end``). A line over
+    ``max_chars`` bytes is skipped to its end a piece at a time and given as None (never held in memory)."""
     fs, path = storage.fs(uri)
     with fs.open(path, "rb") as f:
         pos = start
@@ -208,16 +220,24 @@ def _lines(storage: Storage, uri: str, start: int, end: int) -> Iterator[tuple[s
             pos = start - 1 + len(f.readline())  # up to the first line start at or after `start`
         number = 0
         while pos < end:
-            line = f.readline()
+            line = f.readline(max_chars + 1) if max_chars else f.readline()
             if not line:
                 return
             pos += len(line)
+            if max_chars and len(line) > max_chars:
+                while line and not line.endswith(b"\n"):
+                    line = f.readline(1 << 20)
+                    pos += len(line)
+                line = None
             number += 1
             yield f"line {number} after byte {start}" if start else f"line {number}", line
 
 
 def _parse_json_lines(lines: Iterator[tuple[str, bytes]]) -> Iterator[tuple[str, Any]]:
     for position, line in lines:
+        if line is None:
+            yield position, BadRow(position, "longer than ingest.max_row_chars")
+            continue
         text = line.decode("utf-8", errors="replace").lstrip("\ufeff")
         if not text.strip():
             continue
@@ -229,8 +249,11 @@ def _parse_json_lines(lines: Iterator[tuple[str, bytes]]) -> Iterator[tuple[str,
         yield position, row
 
 
-def _jsonl_range(storage: Storage, source, key: str, uri: str, start: int, end: int) -> Iterator[dict | BadRow]:
-    rows = _parse_json_lines(_lines(storage, uri, start, end))
+def _jsonl_range(storage: Storage, source, key: str, uri: str, start: int, end: int,
+                 budget: Any = None) -> Iterator[dict | BadRow]:
+    from artsim.ingest.readers import _budget
+
+    rows = _parse_json_lines(_lines(storage, uri, start, end, _budget(budget).limits.max_row_chars))
     if source.kind == "table":
         yield from _table_rows(storage, source, key, uri, rows)
         return
