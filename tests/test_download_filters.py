@@ -101,7 +101,7 @@ def test_too_small_through_the_fetcher_is_not_retried():
 
 
 @pytest.mark.parametrize("key,value,message", [
-    ("min_width", -1, "download.min_width: must be 0 or more"),
+    ("min_width", -1, "download.min_width: must be at least 0"),
     ("max_aspect_ratio", 0.5, "download.max_aspect_ratio: must be at least 1"),
 ])
 def test_filter_config_is_checked(key, value, message):
