@@ -20,7 +20,6 @@ from artsim.storage import Storage
 
 CSV_SCAN_BLOCK = 8 * 2**20
 ITEMS_PER_PARSE = 1000  # streamed JSON items handed to a parser at a time
-MAX_CONSECUTIVE_CSV_ERRORS = 1000
 
 
 def read_segment(storage: Storage, source, key: str, segment: Segment, csv_bounds: tuple[int, int] | None = None,
@@ -146,43 +145,11 @@ def _csv_header(storage: Storage, source, key: str, uri: str) -> list[str]:
     return header
 
 
-def _csv_rows(reader, header: list[str], start: int, lines=None) -> Iterator[tuple[str, Any]]:
-    """(position, row dict | BadRow) like artsim.ingest.readers.CsvSource, positions relative to the range;
-    ``lines`` (readers._BoundedLines): the row-length cap, reset at each row."""
-    n = len(header)
-    row_number = errors_in_a_row = 0
-    where = f" after byte {start}" if start else ""
-    while True:
-        if lines is not None:
-            lines.start_row()
-        try:
-            values = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as exc:
-            row_number += 1
-            errors_in_a_row += 1
-            yield f"row {row_number}", BadRow(f"row {row_number}{where}", f"CSV error: {exc}")
-            if errors_in_a_row >= MAX_CONSECUTIVE_CSV_ERRORS:
-                yield "end", BadRow(f"row {row_number}{where}", "too many consecutive CSV errors; rest skipped")
-                return
-            continue
-        errors_in_a_row = 0
-        if not values or (len(values) == 1 and not values[0].strip()):
-            continue
-        row_number += 1
-        position = f"row {row_number}{where}"
-        if len(values) != n:
-            yield position, BadRow(position, f"{len(values)} fields, the header has {n}")
-            continue
-        yield position, dict(zip(header, values))
-
-
 def _csv_range(storage: Storage, source, key: str, uri: str, start: int, end: int,
                budget: Any = None) -> Iterator[dict | BadRow]:
     """The CSV records that start in [start, end), within the same row and field caps as a whole-file read
     (``budget``: artsim.ingest.readers.SourceBudget; its byte cap counts the range's bytes)."""
-    from artsim.ingest.readers import _BoundedLines, _budget
+    from artsim.ingest.readers import _BoundedLines, _budget, csv_rows
     from artsim.ingest.met_csv import parse_met_csv
     from artsim.ingest.table import parse_table, resolve_mapping
 
@@ -201,7 +168,7 @@ def _csv_range(storage: Storage, source, key: str, uri: str, start: int, end: in
         reader = csv.reader(lines, delimiter=delimiter)
         if start == 0:
             next(reader, None)  # the header
-        rows = _csv_rows(reader, header, start, lines)
+        rows = csv_rows(reader, header, lines, f" after byte {start}" if start else "")
         yield from (parse_met_csv(rows, source.collection) if mapping is None
                     else parse_table(rows, source.collection, mapping))
     finally:

@@ -335,33 +335,44 @@ class CsvSource:
             yield self._rows(reader, lines)
 
     def _rows(self, reader, lines: "_BoundedLines") -> Iterator[tuple[str, Any]]:
-        n = len(self.header)
-        row_number = 0
-        errors_in_a_row = 0
-        while True:
+        return csv_rows(reader, self.header, lines)
+
+
+def csv_rows(reader, header: list[str], lines: Optional["_BoundedLines"] = None, where: str = ""
+             ) -> Iterator[tuple[str, Any]]:
+    """(position, row dict | BadRow) for every row of a csv.reader positioned after the header: rows with the wrong
+    number of fields, over-long rows (``lines``: the row-length cap, reset at each row) and CSV errors become
+    BadRows; blank lines are skipped; after MAX_CONSECUTIVE_CSV_ERRORS errors in a row the rest is skipped.
+    ``where`` is added to every line label (a byte range of a file: " after byte N")."""
+    n = len(header)
+    row_number = 0
+    errors_in_a_row = 0
+    while True:
+        if lines is not None:
             lines.start_row()
-            try:
-                values = next(reader)
-            except StopIteration:
-                return
-            except csv.Error as exc:
-                row_number += 1
-                errors_in_a_row += 1
-                yield f"row {row_number}", BadRow(f"row {row_number} (line {reader.line_num})", f"CSV error: {exc}")
-                if errors_in_a_row >= MAX_CONSECUTIVE_CSV_ERRORS:
-                    yield "end", BadRow(f"line {reader.line_num}", "too many consecutive CSV errors; rest of file skipped")
-                    return
-                continue
-            errors_in_a_row = 0
-            if not values or (len(values) == 1 and not values[0].strip()):
-                continue  # blank line
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
             row_number += 1
-            position = f"row {row_number}"
-            if len(values) != n:
-                yield position, BadRow(f"{position} (line {reader.line_num})",
-                                       f"{len(values)} fields, the header has {n}")
-                continue
-            yield position, dict(zip(self.header, values))
+            errors_in_a_row += 1
+            yield f"row {row_number}{where}", BadRow(f"row {row_number} (line {reader.line_num}{where})", f"CSV error: {exc}")
+            if errors_in_a_row >= MAX_CONSECUTIVE_CSV_ERRORS:
+                rest = "rest of this range skipped" if where else "rest of file skipped"
+                yield "end", BadRow(f"line {reader.line_num}{where}", f"too many consecutive CSV errors; {rest}")
+                return
+            continue
+        errors_in_a_row = 0
+        if not values or (len(values) == 1 and not values[0].strip()):
+            continue  # blank line
+        row_number += 1
+        position = f"row {row_number}{where}"
+        if len(values) != n:
+            yield position, BadRow(f"row {row_number} (line {reader.line_num}{where})",
+                                   f"{len(values)} fields, the header has {n}")
+            continue
+        yield position, dict(zip(header, values))
 
 
 class RowTooLong(csv.Error):
