@@ -57,11 +57,6 @@ def embeddings_from_table(table: pa.Table) -> Embeddings:
                       np.ascontiguousarray(vectors[keep]), skipped)
 
 
-def _count(d: dict, key: str, n: int) -> None:
-    if n:
-        d[key] = d.get(key, 0) + n
-
-
 # -- The embeddings directory in pieces: what the driver plans from file footers, what tasks read -----------------
 
 ADD_BATCH_BYTES = 64 * 1024 ** 2  # float32 vectors decoded at once by a scan / shard task (one faiss add)

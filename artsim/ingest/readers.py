@@ -119,7 +119,20 @@ class _Deadline:
             self._thread = None
 
 
-class _GuardedRaw(io.RawIOBase):
+class _Seekable(io.RawIOBase):
+    """A raw stream over ``self._raw`` that passes seeking through."""
+
+    def seekable(self) -> bool:
+        return self._raw.seekable()
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+
+class _GuardedRaw(_Seekable):
     """The raw file, every read cut by a deadline (reads go to a private buffer: a stuck read never writes into a
     buffer that its caller has moved on from)."""
 
@@ -135,15 +148,6 @@ class _GuardedRaw(io.RawIOBase):
         b[:n] = data
         return n
 
-    def seekable(self) -> bool:
-        return self._raw.seekable()
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        return self._raw.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self._raw.tell()
-
     def close(self) -> None:
         try:
             self._raw.close()
@@ -152,28 +156,19 @@ class _GuardedRaw(io.RawIOBase):
             super().close()
 
 
-class _Counted(io.RawIOBase):
+class _Counted(_Seekable):
     """The content stream (after gunzip), every byte charged to the source's budget."""
 
     def __init__(self, inner, budget: SourceBudget, uri: str):
-        self._inner, self._budget, self._uri = inner, budget, uri
+        self._raw, self._budget, self._uri = inner, budget, uri
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, b) -> int:
-        n = self._inner.readinto(b)
+        n = self._raw.readinto(b)
         self._budget.charge(n or 0, self._uri)
         return n
-
-    def seekable(self) -> bool:
-        return self._inner.seekable()
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        return self._inner.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self._inner.tell()
 
 
 _FILE_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
