@@ -16,7 +16,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from artsim.download.planner import count_committed, plan_download, slices_for_cuts  # noqa: E402
+from artsim.download.planner import count_committed, plan_download, read_task, slices_for_cuts  # noqa: E402
 from artsim.download.shards import OUTPUT_SCHEMA, ShardTask, TASK_FIELDS, plan_shards, read_committed  # noqa: E402
 from artsim.rundir.schema import RETRYABLE_STATUSES, REFETCH_STATUSES  # noqa: E402
 from artsim.storage import Storage  # noqa: E402
@@ -46,8 +46,10 @@ def commit(images: str, task: ShardTask, statuses) -> None:
 
 def tasks_of(plan) -> list[dict]:
     out = []
-    for uri in plan.task_files:
-        out.extend(json.loads(t) for t in pq.read_table(uri).column("task").to_pylist())
+    for uri, n in plan.task_files:
+        tasks = [json.loads(t) for t in pq.read_table(uri).column("task").to_pylist()]
+        assert len(tasks) == n and [json.loads(read_task(Storage(), uri, i)) for i in range(n)] == tasks
+        out.extend(tasks)
     return out
 
 

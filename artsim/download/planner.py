@@ -20,7 +20,7 @@ reading and writing whole files under a work directory (``<run.root>/_work/downl
    buckets) and writes the shard tasks, one row each (``task``: ShardTask JSON), into ``tasks/new-NNNNN.parquet``;
    **retry** (one task per retry group): groups the group's rows by shard into ``tasks/retry-NNNNN.parquet``.
 
-``download.ray_job.run_shards`` reads the task files with ``ray.data.read_parquet``. ``count_committed`` computes the
+``download.ray_job.run_shards`` hands each worker a (task file, row group) reference; the worker reads its task. ``count_committed`` computes the
 report's counts from images/ one shard file at a time (Arrow group-bys), never as one table.
 """
 from __future__ import annotations
@@ -237,10 +237,22 @@ def group_retries(storage: Storage, work_uri: str, group: int) -> tuple[int, Opt
 
 
 def _write_tasks(storage: Storage, uri: str, rows: list[dict]) -> Optional[str]:
+    """One row group per shard task, so that a worker reads just its own (``read_task``)."""
     if not rows:
         return None
-    storage.write_parquet_file(pa.Table.from_pylist(rows, schema=TASKS_SCHEMA), uri)
+    import io
+
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=TASKS_SCHEMA), buf, row_group_size=1, compression="zstd")
+    storage.write_bytes(uri, buf.getvalue())
     return uri
+
+
+def read_task(storage: Storage, task_file: str, row_group: int) -> str:
+    """The ShardTask JSON at ``row_group`` of a task file."""
+    fs, path = storage.arrow_fs(task_file)
+    with fs.open_input_file(path) as handle:
+        return pq.ParquetFile(handle).read_row_group(row_group, columns=["task"]).column("task")[0].as_py()
 
 
 def slices_for_cuts(pending: list[int], shard_size: int) -> list[list[tuple[int, int, int]]]:
@@ -269,8 +281,9 @@ def slices_for_cuts(pending: list[int], shard_size: int) -> list[list[tuple[int,
 
 @dataclass
 class DistributedPlan:
-    """What the driver keeps of a plan: counts and the task files (one row per shard task)."""
-    task_files: list[str]
+    """What the driver keeps of a plan: counts and the task files (one row group per shard task) with their
+    number of shards."""
+    task_files: list[tuple[str, int]]
     shards: int
     total_records: int  # rows in records/
     unique_records: int  # distinct object_ids in records/
@@ -307,7 +320,7 @@ def plan_download(storage: Storage, records_uri: str, images_uri: str, work: str
     made = run([(cut_shards, (storage, work, slices, shard_size, i)) for i, slices in enumerate(cuts)]
                + [(group_retries, (storage, work, g)) for g in range(buckets)])
     return DistributedPlan(
-        task_files=[uri for _, uri in made if uri], shards=sum(n for n, _ in made), total_records=sum(r["rows"] for r in read),
+        task_files=[(uri, n) for n, uri in made if uri], shards=sum(n for n, _ in made), total_records=sum(r["rows"] for r in read),
         unique_records=sum(c["unique"] for c in counts), committed=sum(c["committed"] for c in counts),
         pending_new=sum(pending), pending_retry=sum(c["retry"] for c in counts), new_shards=sum(n for n, _ in made[:len(cuts)]),
         duplicate_ids=sum(c["duplicates"] for c in counts), missing_ids=sum(r["missing_ids"] for r in read),
