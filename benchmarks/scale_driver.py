@@ -10,8 +10,11 @@ and a table with the ratio peak(10 N) / peak(N); the target is <= 1.3 for every 
 Stages measured here:
 - ``ingest``: one table source, a CSV of N rows (~330 bytes a row, 3% duplicate ids), as run_ingest reads it
   (pieces of 64 MB: the 10 N file is cut into byte ranges);
-- ``download_plan``: the download stage's planning on that records/ (records/ -> shard tasks, nothing fetched):
-  ``artsim.download.shards.plan_shards`` as the stage calls it.
+- ``download_plan``: the download stage's planning on that records/ (records/ -> shard-task files, nothing
+  fetched) and its report's counting of images/: ``artsim.download.planner.plan_download`` with Ray tasks and
+  ``count_committed``, as the stage calls them;
+- ``embed``: run_embed on an images/ of N ok rows (tiny 24 px JPEGs in shard files of 1000 rows), with the smallest
+  model (mobilenet_v3_small, random init, 32 px crops, batch 256, one actor): everything embedded, from scratch.
 """
 from __future__ import annotations
 
@@ -51,6 +54,37 @@ def prepare_csv(n: int) -> str:
     return path
 
 
+def prepare_images(root: str, n: int, shard_size: int = 1000) -> None:
+    """images/ as the download writes it: shard files of ``shard_size`` rows, every row ``ok`` with a tiny JPEG."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from artsim.rundir.schema import IMAGES_SCHEMA
+
+    images = os.path.join(root, "images")
+    if os.path.exists(os.path.join(images, "_SUCCESS")):
+        return
+    os.makedirs(images, exist_ok=True)
+    jpegs = []
+    for i in range(16):
+        buf = io.BytesIO()
+        Image.new("RGB", (24, 24), (16 * i, 255 - 16 * i, 7 * i)).save(buf, format="JPEG")
+        jpegs.append(buf.getvalue())
+    for start in range(0, n, shard_size):
+        rows = [{"object_id": f"bench:{i}", "status": "ok", "http_status": 200, "width": 24, "height": 24,
+                 "image": jpegs[i % 16]} for i in range(start, min(n, start + shard_size))]
+        pq.write_table(pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA),
+                       os.path.join(images, f"shard-{start // shard_size:08d}.parquet"))
+    open(os.path.join(images, "_SUCCESS"), "w").close()
+
+
+EMBED = {"model": "mobilenet_v3_small", "weights": None, "image_size": 32, "batch_size": 256,
+         "rows_per_file": 4096, "num_actors": 1}
+
+
 def child(stage: str, n: int, cpus: int) -> dict:
     import pyarrow.dataset  # noqa: F401  (libraries loaded before "before": mapped code, not data)
     import pyarrow.parquet  # noqa: F401
@@ -59,12 +93,21 @@ def child(stage: str, n: int, cpus: int) -> dict:
     from artsim.config import config_from_dict
     from artsim.runtime import RunContext
 
-    root = os.path.join(OUT, f"run-{n}")
-    config = config_from_dict({"run": {"root": root}, "sources": [
-        {"kind": "table", "path": prepare_csv(n), "collection": "bench"}]})
+    root = os.path.join(OUT, f"run-{n}" if stage != "embed" else f"embed-{n}")
+    table = prepare_csv(n) if stage == "ingest" else os.path.join(OUT, f"table-{n}.csv")
+    config = config_from_dict({"run": {"root": root}, "embed": EMBED, "sources": [
+        {"kind": "table", "path": table, "collection": "bench"}]})
+    if stage == "embed":
+        import shutil
+
+        prepare_images(root, n)
+        shutil.rmtree(os.path.join(root, "embeddings"), ignore_errors=True)  # embed all of it, not a resume
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": REPO}})
     ctx = RunContext(config)
+    if stage == "embed":
+        import torch  # noqa: F401  (libraries loaded before "before", like pyarrow above)
+        import torchvision  # noqa: F401
     before = status_mib("VmRSS")
     start = time.perf_counter()
     if stage == "ingest":
@@ -73,14 +116,21 @@ def child(stage: str, n: int, cpus: int) -> dict:
         summary = run_ingest(ctx)
         result = {"records": summary["records"], "pieces": summary["pieces"]}
     elif stage == "download_plan":
-        from artsim.download.shards import plan_shards, read_committed
-        from artsim.rundir.schema import RETRYABLE_STATUSES
+        from artsim.download.planner import count_committed, plan_download, ray_plan_runner
+        from artsim.rundir.schema import REFETCH_STATUSES
+        from artsim.storage import join
 
-        records = ctx.storage.read_table(ctx.paths.records,
-                                         columns=["object_id", "image_url", "iiif_service", "license"])
-        plan = plan_shards(records, read_committed(ctx.storage, ctx.paths.images), 1000, False,
-                           RETRYABLE_STATUSES)
-        result = {"records": plan.total_records, "shards": len(plan.tasks)}
+        plan = plan_download(ctx.storage, ctx.paths.records, ctx.paths.images,
+                             join(ctx.paths.root, "_work", "download-plan"), 1000, REFETCH_STATUSES,
+                             remote=ray_plan_runner)
+        counted = count_committed(ctx.storage, ctx.paths.images)
+        result = {"records": plan.total_records, "shards": plan.shards, "task_files": len(plan.task_files),
+                  "committed_rows_counted": counted.rows}
+    elif stage == "embed":
+        from artsim.embed.stage import run_embed
+
+        summary = run_embed(ctx)
+        result = {"records": summary["embedded"], "images_per_s": summary["images_per_s"]}
     else:
         raise SystemExit(f"unknown stage {stage}")
     seconds = time.perf_counter() - start
@@ -104,7 +154,8 @@ def main() -> None:
     rows = []
     for stage in args.stages.split(","):
         for n in (args.n, 10 * args.n):
-            prepare_csv(n)
+            if stage == "ingest":
+                prepare_csv(n)
             env = dict(os.environ, PYTHONPATH=REPO, RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")
             proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", stage, "--size", str(n),
                                    "--cpus", str(args.cpus)], env=env, capture_output=True, text=True)

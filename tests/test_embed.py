@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -132,16 +133,96 @@ def test_embed_with_a_trained_artifact(ray_session, tmp_path):
     check_output(ctx, rows, summary, atol=1e-5)
 
 
-def test_rerun_replaces_output_and_incomplete_input_is_refused(ray_session, tmp_path):
+def part_files(ctx: RunContext) -> dict[str, float]:
+    out = ctx.storage.list(ctx.paths.embeddings(model_key(ctx.config.embed)))
+    root = Path(ctx.paths.embeddings(model_key(ctx.config.embed)))
+    return {n: (root / n).stat().st_mtime_ns for n in out if n.startswith("part-")}
+
+
+def test_rerun_keeps_committed_vectors_and_embeds_only_new_images(ray_session, tmp_path):
     ctx = make_ctx(str(tmp_path / "run"), torch_threads=1)
     write_images(ctx, image_rows(5))
-    run_embed(ctx)
-    write_images(ctx, image_rows(3))
-    summary = run_embed(ctx)
-    assert ctx.storage.read_table(summary["output"]).num_rows == 3  # the old rows are gone, not merged
+    first = run_embed(ctx)
+    assert first["embedded_this_run"] == 5 and first["already_embedded"] == 0
+    before = part_files(ctx)
+    again = run_embed(ctx)  # nothing new: nothing embedded, nothing rewritten, still complete
+    assert again["embedded_this_run"] == 0 and again["embedded"] == 5 and part_files(ctx) == before
+    rows = image_rows(9)  # the download added images (same images/ file, more rows)
+    write_images(ctx, rows)
+    grown = run_embed(ctx)
+    assert grown["already_embedded"] == 5 and grown["embedded_this_run"] == 4 and grown["decode_errors"] == 1
+    after = part_files(ctx)
+    assert all(after.get(name) == mtime for name, mtime in before.items())  # committed parts untouched
+    check_output(ctx, rows, grown, atol=1e-5)
+    write_images(ctx, image_rows(3))  # images/ rebuilt smaller: vectors of images that are gone go too
+    shrunk = run_embed(ctx)
+    assert sorted(ctx.storage.read_table(shrunk["output"]).column("object_id").to_pylist()) == sorted(
+        reference_vectors(ctx, image_rows(3)))
     (tmp_path / "run" / "images" / "_SUCCESS").unlink()
     with pytest.raises(ArtsimError, match="incomplete output"):
         run_embed(ctx)
+
+
+def test_a_changed_model_starts_over_instead_of_mixing_vectors(ray_session, tmp_path):
+    ctx = make_ctx(str(tmp_path / "run"), torch_threads=1)
+    rows = image_rows(6)
+    write_images(ctx, rows)
+    run_embed(ctx)
+    # Same directory name (resnet18), other vectors: another image size, then another stored dtype.
+    for change, field in [({"image_size": 96}, "image_size"), ({"image_size": 96, "dtype": "float16"}, "dtype")]:
+        ctx = make_ctx(str(tmp_path / "run"), torch_threads=1, **change)
+        summary = run_embed(ctx)
+        assert summary["already_embedded"] == 0 and summary["embedded_this_run"] == 6
+        assert field in summary["started_over"]
+        check_output(ctx, rows, summary, atol=2e-3)
+
+
+def test_killed_embed_resumes_where_it_stopped(ray_session, tmp_path):
+    """SIGKILL the driver of a real `artsim embed` (its own local Ray) once some parts are committed; the next run
+    embeds only the rest, leaves the committed parts as they are, and ends with every ok image exactly once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    root = tmp_path / "run"
+    embed = {"model": "resnet18", "image_size": SIZE, "batch_size": 2, "rows_per_file": 2, "torch_threads": 1}
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"run": {"root": str(root)}, "ray": {"address": "local"}, "embed": embed}))
+    ctx = RunContext(config_from_dict({"run": {"root": str(root)}, "embed": embed}))
+    rows = image_rows(60)
+    write_images(ctx, rows)
+    out = root / "embeddings" / "resnet18"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own Ray, not the tests' one
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.Popen([sys.executable, "-m", "artsim.cli", "embed", "-c", str(config)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while len(list(out.glob("part-*.parquet"))) < 3:
+            assert proc.poll() is None, "the embed finished before it could be killed"
+            assert time.monotonic() < deadline, "no part file committed within 10 minutes"
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGKILL)  # the driver
+        proc.wait(timeout=60)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the local Ray it started (same session)
+        except ProcessLookupError:
+            pass
+    assert not (out / "_SUCCESS").exists() and not (out / "_model.json").exists()
+    assert (out / "_in_progress.json").exists()
+    committed = part_files(ctx)
+    done = ctx.storage.read_table(str(out), require_complete=False).num_rows
+    assert 0 < done < 60
+    summary = run_embed(ctx)
+    assert summary["already_embedded"] == done and summary["embedded_this_run"] == 60 - done
+    after = part_files(ctx)
+    assert all(after.get(name) == mtime for name, mtime in committed.items())
+    check_output(ctx, rows, summary, atol=1e-5)  # every ok image exactly once, the same vectors
 
 
 def test_impossible_resources_fail_instead_of_hanging(ray_session, tmp_path):

@@ -1,8 +1,8 @@
 """The thin Ray layer: a job-wide host limiter (actors) and a Ray Data pipeline of shard tasks.
 
-Data flow: driver plans shards (shards.plan_shards) → ``ray.data.from_items`` (one shard per block) →
-``map(ShardWorker)`` on an actor pool (each actor: one Fetcher, ``fetch_threads`` concurrent fetches, commits its
-shard file) → small summary rows stream back to the driver for progress → report + ``_SUCCESS``.
+Data flow: Ray tasks plan shards into shard-task files (download.planner) → ``ray.data.from_items`` of (file, row
+group) references (one shard per block) → ``map(ShardWorker)`` on an actor pool (each reads its task; one Fetcher,
+``fetch_threads`` concurrent fetches, commits its shard file) → small summary rows stream back to the driver for progress → report + ``_SUCCESS``.
 
 Politeness across the cluster: every fetch, on every node, takes a lease from the :class:`HostLimiterActor` that owns
 its host (hosts are spread over ``download.limiter_actors`` actors by a stable hash), so the per-host connection and
@@ -354,9 +354,10 @@ class ShardWorker:
     def __call__(self, row: dict) -> dict:
         import json
 
+        from artsim.download.planner import read_task
         from artsim.download.shards import ShardTask, process_shard
 
-        task = ShardTask.from_json(row["task"])
+        task = ShardTask.from_json(read_task(self.storage, row["task_file"], row["row_group"]))
         try:
             summary = process_shard(task, self.fetcher, self.storage, self.images_uri,
                                     self.config.download.fetch_threads)
@@ -382,17 +383,23 @@ def start_limiters(config: Config) -> list:
             for _ in range(d.limiter_actors)]
 
 
-def run_shards(config: Config, tasks: list, limiters: list, on_summary) -> None:
-    """Run shard tasks on a Ray Data actor pool; call ``on_summary(dict)`` as each shard commits."""
+def run_shards(config: Config, task_files: list[tuple[str, int]], shards: int, limiters: list, on_summary) -> None:
+    """Run the shard tasks of ``task_files`` ((Parquet file, number of shards): one row group per shard, written by
+    download.planner) on a Ray Data actor pool; call ``on_summary(dict)`` as each shard commits.
+
+    Each worker gets a (file, row group) reference and reads its task itself: the driver never holds the records
+    of a task. (Reading the files with ``ray.data.read_parquet`` instead adds read tasks that, when the actor pool
+    holds every CPU of the cluster, never get one: measured, the stage hung on a 2-CPU Ray with 2 workers.)"""
     import json
 
     import ray
 
-    if not tasks:
+    if not task_files or not shards:
         return
     workers = config.download.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    workers = max(1, min(workers, len(tasks)))
-    ds = ray.data.from_items([{"task": t.to_json()} for t in tasks], override_num_blocks=len(tasks))
+    workers = max(1, min(workers, shards))
+    refs = [{"task_file": uri, "row_group": i} for uri, n in task_files for i in range(n)]
+    ds = ray.data.from_items(refs, override_num_blocks=len(refs))  # one shard per block: it goes to an idle actor
     # One shard at a time per actor: a queued shard would sit behind a slow one instead of going to an idle actor.
     pool = ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1)
     ds = ds.map(ShardWorker, fn_constructor_kwargs={"config": config, "limiter_actors": limiters},

@@ -5,10 +5,7 @@ paused hosts describe this run.
 """
 from __future__ import annotations
 
-from collections import Counter, defaultdict
 from typing import Optional
-
-import pyarrow as pa
 
 from artsim.console import say, table
 from artsim.rundir.schema import STATUSES
@@ -16,14 +13,10 @@ from artsim.rundir.schema import STATUSES
 TOP_HOSTS = 20
 
 
-def build_report(committed: pa.Table, run: dict, limiter_snapshot: dict, total_records: int,
+def build_report(committed, run: dict, limiter_snapshot: dict, total_records: int,
                  complete: bool, images_uri: str) -> dict:
-    statuses = committed.column("status").to_pylist()
-    hosts = committed.column("host").to_pylist()
-    by_status = Counter(statuses)
-    by_host: dict[str, Counter] = defaultdict(Counter)
-    for host, status in zip(hosts, statuses):
-        by_host[host or "(local)"][status] += 1
+    """``committed``: images/ as counted by ``planner.count_committed`` (rows, by_status, by_host)."""
+    by_status, by_host, rows = committed.by_status, committed.by_host, committed.rows
     host_rows = []
     for host, counts in by_host.items():
         total = sum(counts.values())
@@ -40,7 +33,7 @@ def build_report(committed: pa.Table, run: dict, limiter_snapshot: dict, total_r
         "images": images_uri,
         "complete": complete,
         "records_total": total_records,
-        "records_in_images": len(statuses),
+        "records_in_images": rows,
         "by_status": {s: by_status.get(s, 0) for s in STATUSES if by_status.get(s)},
         # records committed as internal_error (bugs in artsim, never blamed on a host) and, for this run, each
         # distinct error with its count and first traceback

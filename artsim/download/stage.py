@@ -23,30 +23,35 @@ def run_download(ctx, retry_failed: bool = False) -> dict:
     from artsim.errors import StageFailed
     from artsim.download.ray_job import run_shards, start_limiters
     from artsim.download.report import build_report, print_report
-    from artsim.download.shards import plan_shards, read_committed
+    from artsim.download.planner import count_committed, plan_download, ray_plan_runner
+    from artsim.rundir.schema import REFETCH_STATUSES
     from artsim.runtime import ensure_ray
     from artsim.storage import SUCCESS, join
 
     storage, paths, cfg = ctx.storage, ctx.paths, ctx.config
-    records = _read_records(storage, paths.records)
+    storage.dataset_files(paths.records)  # records/ missing or incomplete: a clear error before Ray starts
     _clean_stale_temporaries(storage, paths.images)
-    committed = read_committed(storage, paths.images)
-    plan = plan_shards(records, committed, cfg.download.shard_size, retry_failed, RETRYABLE_STATUSES)
+    # The plan runs as Ray tasks that read records/ and the committed shards and write shard-task files under a
+    # work directory; the driver gets counts and file names (artsim/download/planner.py).
+    ensure_ray(cfg)
+    work = join(paths.root, "_work", "download-plan")
+    refetch = set(REFETCH_STATUSES) | (set(RETRYABLE_STATUSES) if retry_failed else set())
+    plan = plan_download(storage, paths.records, paths.images, work, cfg.download.shard_size, refetch,
+                         remote=ray_plan_runner)
     if plan.duplicate_ids:
         say(f"download: {plan.duplicate_ids} duplicate object_ids in records/ (first occurrence kept)")
     if plan.missing_ids:
         say(f"download: {plan.missing_ids} records without object_id skipped")
     say(f"download: {plan.total_records} records, {plan.committed} already committed, {plan.pending_new} to fetch"
         + (f", {plan.pending_retry} to retry" if retry_failed or plan.pending_retry else "")
-        + f" in {len(plan.tasks)} shards → {paths.images}")
+        + f" in {plan.shards} shards → {paths.images}")
 
     run = {"records": 0, "shards": 0, "status": {}, "bytes_downloaded": 0, "bytes_written": 0, "requests": 0,
            "elapsed_s": 0.0, "retry_failed": retry_failed, "internal_errors": {}}
     snapshot: dict = {}
     start = time.perf_counter()
-    if plan.tasks:
+    if plan.shards:
         storage.delete(join(paths.images, SUCCESS))  # images/ is being extended: not complete until we say so
-        ensure_ray(cfg)
         limiters = start_limiters(cfg)
         progress = Progress("download", total=plan.pending_new + plan.pending_retry, unit="records")
 
@@ -67,10 +72,10 @@ def run_download(ctx, retry_failed: bool = False) -> dict:
                 else:
                     known["count"] += seen["count"]
             progress.update(summary["records"], extra=f"ok={run['status'].get('ok', 0)} "
-                                                      f"shards={run['shards']}/{len(plan.tasks)}")
+                                                      f"shards={run['shards']}/{plan.shards}")
 
         try:
-            run_shards(cfg, plan.tasks, limiters, on_summary)
+            run_shards(cfg, plan.task_files, plan.shards, limiters, on_summary)
             for actor in limiters:
                 try:
                     snapshot.update(ray.get(actor.snapshot.remote()))
@@ -79,12 +84,15 @@ def run_download(ctx, retry_failed: bool = False) -> dict:
         finally:
             for actor in limiters:
                 ray.kill(actor)
+    storage.delete(work)
     run["elapsed_s"] = time.perf_counter() - start
 
-    final = read_committed(storage, paths.images, columns=("object_id", "status", "host"))
-    record_ids = {oid for oid in records.column("object_id").to_pylist() if oid}
-    complete = record_ids.issubset(set(final.column("object_id").to_pylist()))
-    report = build_report(final, run, snapshot, len(record_ids), complete, paths.images)
+    # Every record of records/ is in images/ when every planned record was committed: a shard task's summary counts
+    # the records it committed (new shards: all of theirs; replaced ones: the refetched), and a failed task fails
+    # the run before this point. Shard files are only ever added, or replaced with the same records.
+    complete = run["records"] == plan.pending_new + plan.pending_retry
+    report = build_report(count_committed(storage, paths.images), run, snapshot, plan.unique_records, complete,
+                          paths.images)
     storage.write_json(paths.images_report, report)
     internal = report["by_status"].get("internal_error", 0)
     if complete and not internal:  # records that met a bug are not done: downstream stages wait for the fix
@@ -106,18 +114,3 @@ def _clean_stale_temporaries(storage, images_uri: str) -> None:
     for name in storage.list(images_uri):
         if name.startswith(".shard-") and ".tmp-" in name:
             storage.delete(join(images_uri, name))
-
-
-def _read_records(storage, records_uri: str):
-    """The columns the download needs; ``sha256`` only when the records have it (records/ written before the
-    column existed still download, unchecked)."""
-    import pyarrow as pa
-
-    from artsim.download.shards import TASK_FIELDS
-
-    try:
-        return storage.read_table(records_uri, columns=list(TASK_FIELDS))
-    except pa.ArrowInvalid as exc:
-        if "sha256" not in str(exc):
-            raise
-        return storage.read_table(records_uri, columns=[f for f in TASK_FIELDS if f != "sha256"])

@@ -166,6 +166,44 @@ def load_embedding_matrix(storage, uri: str, keep: Optional[Iterable[str]] = Non
     return ids, np.concatenate(parts)
 
 
+def embeddings_table(object_ids: list, vectors: np.ndarray, model_name: str, dim: int, dtype: str) -> pa.Table:
+    """Rows of an embeddings/<key>/ file (the schema above) from ids and an (N, dim) array."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float16 if dtype == "float16" else np.float32)
+    if vectors.ndim != 2 or vectors.shape[1] != dim:
+        raise ArtsimError(f"embedding batch has shape {vectors.shape}, expected (N, {dim})")
+    return pa.Table.from_arrays([
+        pa.array([str(o) for o in object_ids], pa.string()),
+        pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim),
+        pa.array([model_name] * len(vectors), pa.string()),
+    ], schema=embeddings_schema(dim, dtype))
+
+
+def part_name(source_stem: str, object_ids: list) -> str:
+    """The file name of a part written from the rows of one images/ file: ``part-<that file's stem>-<digest of
+    the ids>.parquet``. A re-run embeds other ids (those without a vector), so it never writes a name again; a
+    retried task writes the same name with the same rows."""
+    import hashlib
+
+    digest = hashlib.sha256("\n".join(str(o) for o in object_ids).encode("utf-8")).hexdigest()[:16]
+    return f"part-{source_stem}-{digest}.parquet"
+
+
+def source_of_part(name: str) -> Optional[str]:
+    """The images/ file stem a ``part_name`` was written from; None for other names (e.g. an older layout)."""
+    if not (name.startswith("part-") and name.endswith(".parquet")):
+        return None
+    stem, _, digest = name[len("part-"):-len(".parquet")].rpartition("-")
+    return stem if stem and len(digest) == 16 and all(c in "0123456789abcdef" for c in digest) else None
+
+
+def write_embedding_part(storage: Storage, dir_uri: str, source_stem: str, object_ids: list, vectors: np.ndarray,
+                         model_name: str, dim: int, dtype: str) -> str:
+    """One part file, written atomically (temporary + rename locally, one PUT on S3). Returns its name."""
+    name = part_name(source_stem, object_ids)
+    storage.write_parquet_file(embeddings_table(object_ids, vectors, model_name, dim, dtype), join(dir_uri, name))
+    return name
+
+
 class EmbeddingWriter:
     """Streams embedding batches into Parquet files under a (staging) directory URI, with exact counts.
 
@@ -198,18 +236,10 @@ class EmbeddingWriter:
                     self.failures.append({"object_id": str(oid), "error": err})
         if not ok.any():
             return
-        vectors = np.ascontiguousarray(embeddings[ok], dtype=self.np_dtype)
-        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
-            raise ArtsimError(f"embedding batch has shape {vectors.shape}, expected (N, {self.dim})")
-        n = vectors.shape[0]
         ids = [str(o) for o, good in zip(object_ids, ok) if good]
-        table = pa.Table.from_arrays([
-            pa.array(ids, pa.string()),
-            pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), self.dim),
-            pa.array([self.model_name] * n, pa.string()),
-        ], schema=self.schema)
+        table = embeddings_table(ids, embeddings[ok], self.model_name, self.dim, self.dtype)
         self._pending.append(table)
-        self._pending_rows += n
+        self._pending_rows += table.num_rows
         if self._pending_rows >= ROW_GROUP_ROWS:
             self._flush()
 
