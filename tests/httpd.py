@@ -3,8 +3,8 @@
 Routes map a path to a *behaviour* (a callable that writes the response). The server measures what politeness
 promises: the maximum number of requests it was serving at the same time (``max_concurrent``), hits per path,
 request times and headers. With ``count_connections=True`` it also counts what a per-host connection cap is about:
-the client sockets connected to it that the client has not closed yet (``max_live_connections``, read from the
-kernel's TCP table at every accept and every request). A handler still working for a client that gave up is not
+the client sockets connected to it that the client has not closed yet (``max_live_connections``, each accepted
+socket's TCP state read from the kernel at every accept and every request). A handler still working for a client that gave up is not
 a live connection; a keep-alive connection idle between requests is. Run it in-process (``with MisbehavingServer() as srv``) or as a separate process
 (``python tests/httpd.py --spec FILE``) so that a job under test can be killed without killing the server.
 """
@@ -67,24 +67,16 @@ class _KeepAliveHandler(_Handler):
     protocol_version = "HTTP/1.1"  # persistent connections (Content-Length on every response)
 
 
-def live_client_connections(server_port: int) -> int:
-    """Client-side sockets to 127.0.0.1:``server_port`` that are still open from the client's side (TCP state
-    ESTABLISHED or SYN_SENT). A client that has closed its socket is in FIN_WAIT / TIME_WAIT and is not counted,
-    whatever the server's handler is still doing."""
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                lines = f.read().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            parts = line.split()
-            remote, state = parts[2], parts[3]
-            addr, port = remote.rsplit(":", 1)
-            if int(port, 16) == server_port and state in ("01", "02") and addr.endswith(("0100007F", "0100007f")):
-                count += 1
-    return count
+TCP_ESTABLISHED = 1  # tcpi_state, the first byte of struct tcp_info (Linux)
+
+
+def client_still_open(sock: socket.socket) -> bool:
+    """Whether the client of an accepted socket has not closed its end: the server side is still ESTABLISHED
+    (after the client's FIN it is CLOSE_WAIT), read from the kernel for this one socket (TCP_INFO)."""
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == TCP_ESTABLISHED
+    except OSError:
+        return False
 
 
 class _CountingHTTPServer(http.server.ThreadingHTTPServer):
@@ -92,8 +84,14 @@ class _CountingHTTPServer(http.server.ThreadingHTTPServer):
         owner = self.owner  # type: ignore[attr-defined]
         with owner._lock:
             owner.connections_accepted += 1
+            owner._open_sockets.add(request)
         owner._sample_connections()
         super().process_request(request, client_address)
+
+    def shutdown_request(self, request):
+        with self.owner._lock:  # type: ignore[attr-defined]
+            self.owner._open_sockets.discard(request)  # type: ignore[attr-defined]
+        super().shutdown_request(request)
 
 
 class MisbehavingServer:
@@ -109,6 +107,7 @@ class MisbehavingServer:
         self.max_concurrent = 0
         self.count_connections = count_connections
         self.max_live_connections = 0
+        self._open_sockets: set = set()  # accepted sockets the server has not closed yet
         self.live_samples = 0
         self.connections_accepted = 0  # TCP connections the server accepted (keep-alive: fewer than requests)
         self._lock = threading.Lock()
@@ -130,9 +129,17 @@ class MisbehavingServer:
         return self.url(path)
 
     def _sample_connections(self) -> None:
+        """Count the accepted connections whose client has not closed its socket. Each socket's state is one
+        kernel read, and every socket counted was accepted before the count began and seen open after it, so
+        all of them were open together at that instant: the count never exceeds a real simultaneous number. (It
+        replaced a walk of /proc/net/tcp, which is not a snapshot: the kernel walks its hash table over many
+        read() calls, so a preempted reader can see a socket that closed during the walk next to one opened
+        after it closed, and count connections that were never open together.)"""
         if not self.count_connections:
             return
-        live = live_client_connections(self.port)
+        with self._lock:
+            sockets = list(self._open_sockets)
+        live = sum(1 for s in sockets if client_still_open(s))
         with self._lock:
             self.live_samples += 1
             self.max_live_connections = max(self.max_live_connections, live)
