@@ -30,7 +30,7 @@ demo: $(VENV)/.runtime
 
 test: $(VENV)/.dev browser
 	$(VENV)/bin/lint-imports --config pyproject.toml
-	$(VENV)/bin/python -m pytest -q -ra tests
+	$(VENV)/bin/python -m pytest -q -ra --durations=30 tests
 
 clean:
 	rm -rf artifacts/demo
