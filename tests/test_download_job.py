@@ -296,6 +296,25 @@ def test_limiter_wakes_waiters_one_at_a_time_in_arrival_order():
     assert snap["attempts"] <= 3 * 300, snap
 
 
+def _holder_class():
+    """Stands in for a shard worker: an actor that can be busy (a long call), killed or crash and be restarted.
+    (Defined in a function so that Ray ships it by value: the workers cannot import this test module.)"""
+
+    class Holder:
+        def identity(self) -> tuple[str, int]:
+            import os
+
+            import ray
+
+            return ray.get_runtime_context().get_actor_id(), os.getpid()
+
+        def busy(self, seconds: float) -> bool:
+            time.sleep(seconds)
+            return True
+
+    return Holder
+
+
 def test_lease_outlives_a_busy_holder_and_returns_when_the_holder_dies(ray_session):
     """Leases have no expiry: a holder busy far longer than any request keeps its slot; once its actor is dead the
     limiter takes the slot back (seconds, not a fixed 30 s lease)."""
@@ -303,18 +322,11 @@ def test_lease_outlives_a_busy_holder_and_returns_when_the_holder_dies(ray_sessi
 
     from artsim.download.ray_job import RayLimiterClient, start_limiters
 
-    class Holder:
-        """Stands in for a shard worker: an actor that can be busy (a long call) or killed."""
-
-        def busy(self, seconds: float) -> bool:
-            time.sleep(seconds)
-            return True
-
     cfg = config_from_dict({"download": {"per_host_connections": 1, "per_host_requests_per_second": 1000}})
     limiters = start_limiters(cfg)
-    holder_actor = ray.remote(num_cpus=0)(Holder).remote()
+    holder_actor = ray.remote(num_cpus=0)(_holder_class()).remote()
     try:
-        holder = RayLimiterClient(limiters, holder_handle=holder_actor)
+        holder = RayLimiterClient(limiters, holder=ray.get(holder_actor.identity.remote()))
         other = RayLimiterClient(limiters)
         lease, _ = holder.acquire("a.example", time.monotonic() + 5)
         assert lease is not None
@@ -330,5 +342,35 @@ def test_lease_outlives_a_busy_holder_and_returns_when_the_holder_dies(ray_sessi
         snap = ray.get(limiters[0].snapshot.remote())["a.example"]
         assert snap["reclaimed"] == 1 and snap["max_active"] == 1
     finally:
+        for actor in limiters:
+            ray.kill(actor)
+
+
+def test_lease_returns_when_the_holder_process_dies_and_ray_restarts_the_actor(ray_session):
+    """Shard workers are Ray Data actors, which Ray restarts: the process holding the lease is gone although the
+    actor lives on (or waits forever for room to restart, as after a lost node). The slot comes back all the same
+    (a watcher that called the actor itself waited for the restart, and the multinode download hung)."""
+    import ray
+
+    from artsim.download.ray_job import RayLimiterClient, start_limiters
+
+    cfg = config_from_dict({"download": {"per_host_connections": 1, "per_host_requests_per_second": 1000}})
+    limiters = start_limiters(cfg)
+    # restarted after a crash, calls retried: as Ray Data makes its actors
+    holder_actor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(_holder_class()).remote()
+    try:
+        first = ray.get(holder_actor.identity.remote())
+        holder = RayLimiterClient(limiters, holder=first)
+        other = RayLimiterClient(limiters)
+        lease, _ = holder.acquire("a.example", time.monotonic() + 5)
+        assert lease is not None
+        ray.kill(holder_actor, no_restart=False)  # the process dies; Ray restarts the actor in a new one
+        lease2, reason = other.acquire("a.example", time.monotonic() + 20)
+        assert lease2 is not None, reason
+        again = ray.get(holder_actor.identity.remote())
+        assert again[0] == first[0] and again[1] != first[1]  # the same actor, restarted in another process
+        assert ray.get(limiters[0].snapshot.remote())["a.example"]["reclaimed"] == 1
+    finally:
+        ray.kill(holder_actor)
         for actor in limiters:
             ray.kill(actor)

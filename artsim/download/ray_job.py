@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import threading
 import time
 import uuid
@@ -21,13 +22,37 @@ from artsim.config import Config
 from artsim.download.politeness import HostBook, LimiterUnavailable, Ticket
 
 
+def holder_process_state(actor_id: str, pid: int) -> str:
+    """"alive", "gone" or "unknown" for the process ``pid`` that runs actor ``actor_id``, from Ray's actor table (GCS).
+
+    Why the table and not a call on the actor: shard workers are Ray Data actors, which Ray restarts after a crash or
+    a lost node. A call queues for the restarted actor (and waits forever when no node has room for it), so it
+    never says that the process holding the leases is gone. The table does: the actor is RESTARTING or DEAD, or
+    ALIVE in another process. A busy but living holder stays "alive" however long it is stalled. (The table is
+    read through ``ray._private.state``: Ray's public state API needs the dashboard, which a cluster may not run.)
+    """
+    try:
+        from ray._private import state
+
+        info = state.actors(actor_id=actor_id)
+    except Exception:  # GCS unreachable for a moment, or the API moved: not known dead
+        return "unknown"
+    if not info:
+        return "unknown"
+    status, now_pid = info.get("State"), info.get("Pid")
+    if status in ("DEAD", "RESTARTING") or (status == "ALIVE" and now_pid and now_pid != pid):
+        return "gone"
+    return "alive" if status == "ALIVE" else "unknown"
+
+
 class HostLimiterActorImpl:
     """Async actor: each pending acquire is a future in its host's FIFO queue, so thousands of waiting fetches cost
     no threads, and a release wakes exactly the one waiter it can serve (no thundering herd).
 
-    Holders (one per shard-worker process) register with their actor handle; a watcher per holder awaits a call on
-    that handle, which fails only when the holder actor is dead (its node gone, its process killed). Then, and only
-    then, its leases are taken back. A starved but living holder keeps its slots however long it is stalled.
+    Holders (one per shard-worker process) register with their actor id and process id; a watcher per holder reads
+    Ray's actor table (``holder_process_state``) and takes the holder's leases back once that process is gone (its
+    node lost, its process killed or crashed, whether or not Ray restarts the actor elsewhere) — then, and only then.
+    A starved but living holder keeps its slots however long it is stalled.
     """
 
     def __init__(self, connections: int, requests_per_second: float, breaker_failures: int,
@@ -43,22 +68,16 @@ class HostLimiterActorImpl:
         self._news = asyncio.Event()
         self._last_blocked: dict[str, float] = {}
 
-    async def register(self, holder: str, handle) -> None:
-        """Watch ``handle`` (the holder's own actor); its leases are reclaimed once it is known dead."""
+    async def register(self, holder: str, actor_id: str, pid: int) -> None:
+        """Watch the holder's process (``pid`` of actor ``actor_id``); its leases are reclaimed once it is gone."""
         if holder not in self._watchers:
-            self._watchers[holder] = asyncio.get_running_loop().create_task(self._watch(holder, handle))
+            self._watchers[holder] = asyncio.get_running_loop().create_task(self._watch(holder, actor_id, pid))
 
-    async def _watch(self, holder: str, handle) -> None:
-        import ray
-
+    async def _watch(self, holder: str, actor_id: str, pid: int) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            try:
-                # Queued behind the holder's running shard: it completes late when the holder is busy, and fails
-                # with ActorDiedError only when the holder is gone.
-                await handle.__ray_ready__.remote()
-            except ray.exceptions.ActorUnavailableError:
-                pass  # unreachable for now (e.g. a network blip): not known dead
-            except ray.exceptions.RayActorError:
+            state = await loop.run_in_executor(None, holder_process_state, actor_id, pid)
+            if state == "gone":
                 self.holder_died(holder)
                 return
             await asyncio.sleep(self.liveness_interval_s)
@@ -194,16 +213,18 @@ class RayLimiterClient:
     whatever is deferred, so they are never reordered behind them.
     """
 
-    def __init__(self, actors: list, release_delay_s: float = 0.02, holder_handle=None, robots_wait_s: float = 60.0,
+    def __init__(self, actors: list, release_delay_s: float = 0.02, holder: Optional[tuple[str, int]] = None,
+                 robots_wait_s: float = 60.0,
                  watch_pauses: bool = False):
         self.actors = actors
         self.robots_wait_s = robots_wait_s  # how long to wait for another worker's robots.txt fetch
         # Every lease this process takes is owned by this holder id; the limiter takes them back only when the
-        # holder's actor (``holder_handle``) is dead. Without a handle (a driver, a test) leases live until released.
+        # holder's process (``holder``: (actor id, pid)) is gone. Without one (a driver, a test) leases live until
+        # released.
         self.holder = uuid.uuid4().hex
-        if holder_handle is not None:
+        if holder is not None:
             for actor in actors:
-                self._get(actor.register.remote(self.holder, holder_handle))
+                self._get(actor.register.remote(self.holder, *holder))
         self.release_delay_s = release_delay_s
         self._pending: dict[int, list[tuple]] = {}  # actor index -> deferred (host, lease, outcome, pause_s)
         self._oldest: dict[int, float] = {}  # actor index -> monotonic time its oldest deferred release was made
@@ -346,7 +367,7 @@ class ShardWorker:
         import ray
 
         d = config.download
-        self.limiter = RayLimiterClient(limiter_actors, holder_handle=ray.get_runtime_context().current_actor,
+        self.limiter = RayLimiterClient(limiter_actors, holder=(ray.get_runtime_context().get_actor_id(), os.getpid()),
                                         robots_wait_s=d.timeout_s * (d.max_redirects + 1) + 5.0,
                                         watch_pauses=d.keep_alive and not d.per_host_requests_per_second)
         self.fetcher = Fetcher(config.download, self.limiter, config.storage)
