@@ -77,7 +77,15 @@ def make_plan(cfg, plan_args: dict, scanned: ScanOutcome, storage_config, record
 
     refs = plan_task.options(num_returns=2 + cfg.num_shards).remote(
         cfg, storage_config, plan_args, scanned.good_refs, records_uri, previous_manifest, cfg.num_shards)
-    plan = get_unwrapped(refs[0])
+    try:
+        plan = get_unwrapped(refs[0])
+    except Exception:
+        for ref in refs[1:]:  # the same error in every return: read here, so that Ray does not log it as unhandled
+            try:
+                ray.get(ref)
+            except Exception:
+                pass
+        raise
     scanned.good_refs = []  # the plan task has read them; they leave the object store
     return plan, refs[2:2 + len(plan.shard_sizes)], refs[1]
 
