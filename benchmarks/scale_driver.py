@@ -14,7 +14,15 @@ Stages measured here:
   fetched) and its report's counting of images/: ``artsim.download.planner.plan_download`` with Ray tasks and
   ``count_committed``, as the stage calls them;
 - ``embed``: run_embed on an images/ of N ok rows (tiny 24 px JPEGs in shard files of 1000 rows), with the smallest
-  model (mobilenet_v3_small, random init, 32 px crops, batch 256, one actor): everything embedded, from scratch.
+  model (mobilenet_v3_small, random init, 32 px crops, batch 256, one actor): everything embedded, from scratch;
+- ``mine``: run_mine on a records/ of N works (3 collections, 977 creators, 2 subjects of 400 and an object type
+  each, titles and descriptions; files of 100,000 rows) and embeddings/bench/ of the same works, strategies
+  shared_terms, same_creator and hard_negatives (the text strategy's sentence encoder is left out: its cost follows
+  the pool, mine.max_objects, not N), 20,000 triplets, mine.max_objects at its default (200,000);
+- ``index``: run_index on that embeddings/bench/ (64-dim float16 unit vectors around 100 centres, files of 50,000
+  rows, as embed writes them) joined with that records/ for the default facets and metadata; ``IVF256,SQ8``
+  (train_sample 20,000) in 4 shards at both sizes, so the same code path runs at N and 10 N.
+The inputs for mine and index are written once per N by the parent with the artsim.rundir / storage writers.
 """
 from __future__ import annotations
 
@@ -81,6 +89,71 @@ def prepare_images(root: str, n: int, shard_size: int = 1000) -> None:
     open(os.path.join(images, "_SUCCESS"), "w").close()
 
 
+SUBJECTS = tuple(f"{w} {k}" for k in range(40) for w in WORDS)  # 400 subject terms
+CULTURES = ("China", "Japan", "France", "Netherlands", "Italy", "Egypt", "Mexico", "Denmark")
+OBJECT_TYPES = ("painting", "print", "drawing", "vase", "textile")
+COLLECTIONS = ("met", "smk", "rijks")
+DIM = 64
+RECORDS_PER_FILE = 100_000
+EMBEDDINGS_PER_FILE = 50_000
+
+
+def prepare_records_and_embeddings(root: str, n: int) -> None:
+    """records/ and embeddings/bench/ of n works, written chunk by chunk (the parent's memory stays small)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from artsim.rundir.paths import RunPaths
+    from artsim.rundir.schema import RECORDS_SCHEMA
+    from artsim.storage import Storage, join
+    from artsim.testing.index_data import clustered_vectors
+
+    storage, paths = Storage(), RunPaths(root)
+    if not storage.is_complete(paths.records):
+        with storage.atomic_dir(paths.records) as staging:
+            for f, start in enumerate(range(0, n, RECORDS_PER_FILE)):
+                i = np.arange(start, min(n, start + RECORDS_PER_FILE))
+                m = len(i)
+                ids = [f"{COLLECTIONS[k % 3]}:{k}" for k in i.tolist()]
+                cols = {
+                    "object_id": ids, "collection": [COLLECTIONS[k % 3] for k in i.tolist()],
+                    "local_id": [str(k) for k in i.tolist()],
+                    "image_url": [f"https://images.example.org/{k % 211}/{k}.jpg" for k in i.tolist()],
+                    "title": [f"{WORDS[k % 10]} {k}" for k in i.tolist()],
+                    "creator": [f"Painter {k % 977}" for k in i.tolist()],
+                    "date": [str(1500 + k % 450) for k in i.tolist()],
+                    "date_begin": (1500 + i % 450).astype(np.int32), "date_end": (1510 + i % 450).astype(np.int32),
+                    "culture": [CULTURES[k % 8] for k in i.tolist()],
+                    "object_type": [OBJECT_TYPES[(k // 7) % 5] for k in i.tolist()],
+                    "subjects": [[SUBJECTS[(k * 7) % 400], SUBJECTS[(k * 13 + 5) % 400]] for k in i.tolist()],
+                    "license": ["CC0" if k % 4 else "CC-BY-4.0" for k in i.tolist()],
+                    "description": [f"An object described at some length, number {k}, with a few more words."
+                                    for k in i.tolist()],
+                    "source": ["table"] * m,
+                }
+                table = pa.table({fld.name: cols[fld.name] if fld.name in cols else pa.nulls(m, fld.type)
+                                  for fld in RECORDS_SCHEMA}, schema=RECORDS_SCHEMA)
+                storage.write_parquet_file(table, join(staging, f"part-{f:05d}.parquet"))
+    emb = paths.embeddings("bench")
+    if not storage.is_complete(emb):
+        with storage.atomic_dir(emb) as staging:
+            for f, start in enumerate(range(0, n, EMBEDDINGS_PER_FILE)):
+                m = min(n, start + EMBEDDINGS_PER_FILE) - start
+                vectors = clustered_vectors(m, DIM, seed=f)
+                values = pa.array(vectors.astype(np.float16).reshape(-1))
+                table = pa.table({"object_id": [f"{COLLECTIONS[k % 3]}:{k}" for k in range(start, start + m)],
+                                  "embedding": pa.FixedSizeListArray.from_arrays(values, DIM),
+                                  "model": ["bench"] * m})
+                storage.write_parquet_file(table, join(staging, f"part-{f:05d}.parquet"))
+            storage.write_json(join(staging, "_model.json"), {"name": "bench", "model_key": "bench",
+                                                               "output_dim": DIM, "dtype": "float16"})
+
+
+MINE = {"num_triplets": 20_000, "strategies": {"shared_terms": 1.0, "same_creator": 1.0, "hard_negatives": 1.0},
+        "embeddings": "bench"}
+INDEX = {"embeddings": "bench", "factory": "IVF256,SQ8", "train_sample": 20_000, "num_shards": 4}
+
+
 EMBED = {"model": "mobilenet_v3_small", "weights": None, "image_size": 32, "batch_size": 256,
          "rows_per_file": 4096, "num_actors": 1}
 
@@ -93,9 +166,14 @@ def child(stage: str, n: int, cpus: int) -> dict:
     from artsim.config import config_from_dict
     from artsim.runtime import RunContext
 
-    root = os.path.join(OUT, f"run-{n}" if stage != "embed" else f"embed-{n}")
+    root = os.path.join(OUT, {"embed": f"embed-{n}", "mine": f"mine-index-{n}",
+                              "index": f"mine-index-{n}"}.get(stage, f"run-{n}"))
     table = prepare_csv(n) if stage == "ingest" else os.path.join(OUT, f"table-{n}.csv")
-    config = config_from_dict({"run": {"root": root}, "embed": EMBED, "sources": [
+    if stage == "index":
+        import shutil
+
+        shutil.rmtree(os.path.join(root, "index"), ignore_errors=True)  # a first build, not a rebuild
+    config = config_from_dict({"run": {"root": root}, "embed": EMBED, "mine": MINE, "index": INDEX, "sources": [
         {"kind": "table", "path": table, "collection": "bench"}]})
     if stage == "embed":
         import shutil
@@ -105,6 +183,8 @@ def child(stage: str, n: int, cpus: int) -> dict:
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": REPO}})
     ctx = RunContext(config)
+    if stage == "index":
+        import faiss  # noqa: F401  (loaded before "before", like pyarrow above)
     if stage == "embed":
         import torch  # noqa: F401  (libraries loaded before "before", like pyarrow above)
         import torchvision  # noqa: F401
@@ -131,6 +211,18 @@ def child(stage: str, n: int, cpus: int) -> dict:
 
         summary = run_embed(ctx)
         result = {"records": summary["embedded"], "images_per_s": summary["images_per_s"]}
+    elif stage == "mine":
+        from artsim.mine.stage import run_mine
+
+        summary = run_mine(ctx)
+        result = {"records": summary["pool"]["records"], "pool": summary["pool"]["objects"],
+                  "triplets": summary["triplets"], "by_strategy": summary["by_strategy"]}
+    elif stage == "index":
+        from artsim.index.stage import run_index
+
+        summary = run_index(ctx)
+        result = {"records": summary["vectors"], "factory": summary["factory"], "shards": summary["shards"],
+                  "recall_at_10": summary["recall_at_10"]}
     else:
         raise SystemExit(f"unknown stage {stage}")
     seconds = time.perf_counter() - start
@@ -156,6 +248,8 @@ def main() -> None:
         for n in (args.n, 10 * args.n):
             if stage == "ingest":
                 prepare_csv(n)
+            if stage in ("mine", "index"):
+                prepare_records_and_embeddings(os.path.join(OUT, f"mine-index-{n}"), n)
             env = dict(os.environ, PYTHONPATH=REPO, RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")
             proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", stage, "--size", str(n),
                                    "--cpus", str(args.cpus)], env=env, capture_output=True, text=True)

@@ -268,3 +268,17 @@ def test_id_table_joins_only_the_wanted_record_columns(tmp_path):
     assert rows["met:1"]["culture"] == "French" and rows["met:1"]["creator"] == "A"  # repeated record: first wins
     assert rows["rijks:9"]["collection"] == "rijks" and rows["rijks:9"]["culture"] is None  # no record: id prefix
     assert rows["smk:2"]["shard"] == 1
+
+
+def test_nothing_indexable_is_a_plain_error_from_the_plan_task(tmp_path, ray_session):
+    """Every vector is zero: the plan task (a Ray task) finds no row to index; the user gets the ArtsimError itself,
+    not a Ray traceback wrapping it, and nothing is published."""
+    import ray
+
+    ctx = make_ctx(tmp_path)
+    object_ids = object_ids_for(50)
+    write_run(ctx.storage, ctx.paths, object_ids, np.zeros((50, 8), np.float32), records=records_for(object_ids))
+    with pytest.raises(ArtsimError, match="no row of .* has a valid vector") as info:
+        run_index(ctx)
+    assert not isinstance(info.value, ray.exceptions.RayTaskError)
+    assert not os.path.exists(os.path.join(ctx.paths.index("test-model"), "manifest.json"))

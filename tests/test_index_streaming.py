@@ -79,6 +79,11 @@ def test_plan_build_without_ray_keeps_ids_skips_bad_rows_and_holds_out_queries()
     assert sum(len(s.rows) for s in plan.shards) == 12 and len(plan.shards) == 2
     assert set(plan.ids_table.column("collection").to_pylist()) == {"m", "s"}
     assert len(plan.queries) == 1 and plan.queries.dtype == np.float32  # min(10, 12 // 10)
+    # What the driver keeps (the plan task returns it): counts and samples, nothing per row.
+    light = plan.without_rows()
+    assert light.n == 12 and light.shard_sizes == [6, 6] and light.next_id == plan.next_id
+    assert len(light.rows) == 0 and len(light.ids) == 0 and light.shards == [] and light.ids_table is None
+    assert light.skipped == plan.skipped and np.array_equal(light.queries, plan.queries)
 
 
 def test_plan_shards_contiguous_balanced_deterministic():

@@ -298,9 +298,8 @@ def _wanted_columns(facets: list[str], metadata: list[str]) -> list[str]:
     return [c for c in dict.fromkeys(list(facets) + list(metadata)) if c not in ("id", "object_id", "shard")]
 
 
-def read_record_columns(storage, records_uri: str, facets: list[str], metadata: list[str]) -> pa.Table:
-    """object_id and the facet / metadata columns of records/, nothing else: at aggregator scale the descriptions,
-    subjects and URLs the index does not keep would dominate the driver's memory."""
+def check_record_columns(storage, records_uri: str, facets: list[str], metadata: list[str]) -> list[str]:
+    """The facet / metadata columns to read from records/ (a clear ConfigError for one it lacks); schema only."""
     import pyarrow.dataset as ds
 
     fs, path = storage.arrow_fs(records_uri)
@@ -310,6 +309,13 @@ def read_record_columns(storage, records_uri: str, facets: list[str], metadata: 
         if c not in names:
             key = "index.facets" if c in facets else "index.metadata"
             raise ConfigError(key, f"column {c!r} is not in records/ (it has {', '.join(names)})")
+    return wanted
+
+
+def read_record_columns(storage, records_uri: str, facets: list[str], metadata: list[str]) -> pa.Table:
+    """object_id and the facet / metadata columns of records/, nothing else: at aggregator scale the descriptions,
+    subjects and URLs the index does not keep would dominate the memory of the plan task that joins them."""
+    wanted = check_record_columns(storage, records_uri, facets, metadata)
     return storage.read_table(records_uri, columns=["object_id"] + wanted)
 
 

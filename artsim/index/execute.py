@@ -20,7 +20,8 @@ log = logging.getLogger("artsim.index")
 
 @dataclass
 class ScanOutcome:
-    good: np.ndarray  # one bool per row of the directory: a usable vector
+    good_refs: list  # per piece: an object-store ref to its rows' good-vector bits (np.packbits), for the plan task
+    good_rows: int  # rows holding a usable vector (object ids are checked by the plan)
     off_norm: int  # good vectors that were not unit length (normalised wherever they are read)
     query_vectors: np.ndarray  # the vectors of the query candidates, in order
     train_refs: list  # per piece: an object-store ref to its training candidates' vectors
@@ -37,8 +38,8 @@ def max_dim(pieces, storage_config) -> int:
 
 
 def scan(name: str, pieces, dim: int, sampling: SamplingPlan, storage_config, batch_rows: int) -> ScanOutcome:
-    """One task per piece: which rows hold a good vector, and the sampled rows' vectors (training ones stay in
-    the object store)."""
+    """One task per piece: which rows hold a good vector, and the sampled rows' vectors (training ones and the
+    good-row bits stay in the object store)."""
     import ray
 
     from artsim.index.ray_tasks import scan_task
@@ -46,24 +47,61 @@ def scan(name: str, pieces, dim: int, sampling: SamplingPlan, storage_config, ba
     t0 = time.perf_counter()
     pending = {}
     for i, piece in enumerate(pieces):
-        summary_ref, query_ref, train_ref = scan_task.remote(
+        summary_ref, good_ref, query_ref, train_ref = scan_task.remote(
             piece, dim, rows_in(sampling.query_candidates, piece), rows_in(sampling.train_candidates, piece),
             storage_config, batch_rows)
-        pending[summary_ref] = (i, query_ref, train_ref)
+        pending[summary_ref] = (i, good_ref, query_ref, train_ref)
     progress = Progress(f"index {name}: scanning", total=len(pieces), unit="pieces", interval=5.0)
     scans: list = [None] * len(pieces)
     refs = list(pending)
     while refs:
         done, refs = ray.wait(refs, num_returns=1)
-        i, query_ref, train_ref = pending.pop(done[0])
-        scans[i] = (ray.get(done[0]), ray.get(query_ref), train_ref)
+        i, good_ref, query_ref, train_ref = pending.pop(done[0])
+        scans[i] = (ray.get(done[0]), good_ref, ray.get(query_ref), train_ref)
         progress.update(1, f"({pieces[i].num_rows} rows)")
-    good = np.concatenate([np.unpackbits(s["good"], count=s["num_rows"]).astype(bool) for s, _, _ in scans])
-    off_norm = sum(s["off_norm"] for s, _, _ in scans)
+    off_norm = sum(s["off_norm"] for s, _, _, _ in scans)
     if off_norm:
         log.warning("embeddings: %d vectors were not L2-normalised; normalising them", off_norm)
-    return ScanOutcome(good, off_norm, np.concatenate([q for _, q, _ in scans]), [t for _, _, t in scans],
+    return ScanOutcome([g for _, g, _, _ in scans], sum(s["good_rows"] for s, _, _, _ in scans), off_norm,
+                       np.concatenate([q for _, _, q, _ in scans]), [t for _, _, _, t in scans],
                        time.perf_counter() - t0)
+
+
+def make_plan(cfg, plan_args: dict, scanned: ScanOutcome, storage_config, records_uri: Optional[str],
+              previous_manifest: Optional[dict]) -> tuple[BuildPlan, list, object]:
+    """Run the plan task (``ray_tasks.plan_task``); returns (the plan without its per-row parts, one object ref
+    per shard's ShardPlan, the ref of ids.parquet's bytes). Nothing per row comes to the driver."""
+    import ray
+
+    from artsim.index.ray_tasks import plan_task
+
+    refs = plan_task.options(num_returns=2 + cfg.num_shards).remote(
+        cfg, storage_config, plan_args, scanned.good_refs, records_uri, previous_manifest, cfg.num_shards)
+    try:
+        plan = get_unwrapped(refs[0])
+    except Exception:
+        for ref in refs[1:]:  # the same error in every return: read here, so that Ray does not log it as unhandled
+            try:
+                ray.get(ref)
+            except Exception:
+                pass
+        raise
+    scanned.good_refs = []  # the plan task has read them; they leave the object store
+    return plan, refs[2:2 + len(plan.shard_sizes)], refs[1]
+
+
+def get_unwrapped(ref):
+    """ray.get, with an artsim error raised in a task re-raised as itself (a clear message, not a Ray trace)."""
+    import ray
+
+    from artsim.errors import ArtsimError
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, ArtsimError):
+            raise exc.cause from None
+        raise
 
 
 @dataclass
@@ -76,9 +114,10 @@ class BuildResult:
     tune_seconds: float
 
 
-def execute(plan: BuildPlan, scanned: ScanOutcome, storage_config, target_recall: float,
+def execute(plan: BuildPlan, shards: list, scanned: ScanOutcome, storage_config, target_recall: float,
             batch_rows: int) -> BuildResult:
-    """Train, build and write every shard, tune; nothing is published (see ``artsim.index.publish``)."""
+    """Train, build and write every shard (``shards``: their ShardPlans or object refs to them, from
+    ``make_plan``), tune; nothing is published (see ``artsim.index.publish``)."""
     import ray
 
     from artsim.index.ray_tasks import shard_task, train_task, tune_task
@@ -100,10 +139,10 @@ def execute(plan: BuildPlan, scanned: ScanOutcome, storage_config, target_recall
         say(f"index {plan.name}: trained on {plan.n_train} vectors in {train_seconds:.1f} s"
             f"{' (GPU)' if use_gpu else ''}")
 
-    num_shards = len(plan.shards)
+    num_shards = len(shards)
     trained_ref, queries_ref = ray.put(trained), ray.put(plan.queries)
     pending = {}
-    for s, shard_plan in enumerate(plan.shards):
+    for s, shard_plan in enumerate(shards):
         rel = f"shards/{plan.build_id}/shard-{s:05d}-of-{num_shards:05d}.faiss"
         ref = shard_task.remote(trained_ref, shard_plan, plan.dim, join(plan.index_uri, rel), storage_config,
                                 queries_ref, batch_rows)

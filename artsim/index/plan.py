@@ -7,6 +7,7 @@ id map. ``artsim.index.execute`` carries a plan out; ``artsim.index.publish`` wr
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 import uuid
@@ -77,7 +78,11 @@ def plan_sampling(cfg, total: int, dim: int) -> SamplingPlan:
 
 @dataclass
 class BuildPlan:
-    """Everything an index build does, decided before any vector is added."""
+    """Everything an index build does, decided before any vector is added.
+
+    Made in the plan task (``artsim.index.ray_tasks.plan_task``); the driver keeps only ``without_rows()``: the
+    per-row parts (rows, ids, the shards' rows and ids, the id map) go to the object store, so the driver's memory
+    does not grow with the number of vectors."""
     name: str
     index_uri: str
     emb_uri: str
@@ -94,10 +99,17 @@ class BuildPlan:
     train_masks: list = field(default_factory=list)  # per scanned piece with training candidates: which are used
     train_pieces: list = field(default_factory=list)  # indices of those pieces
     build_id: str = ""
+    indexed: int = 0  # len(rows), kept when the rows are dropped (without_rows)
+    shard_sizes: list = field(default_factory=list)  # rows per shard, in shard order
 
     @property
     def n(self) -> int:
-        return len(self.rows)
+        return self.indexed
+
+    def without_rows(self) -> "BuildPlan":
+        """This plan minus everything per row (rows, ids, shards, id map): bounded whatever N."""
+        empty = np.zeros(0, np.int64)
+        return dataclasses.replace(self, rows=empty, ids=empty, shards=[], ids_table=None)
 
     @property
     def n_train(self) -> int:
@@ -145,4 +157,5 @@ def plan_build(cfg, *, name: str, index_uri: str, emb_uri: str, dim: int, files,
                 train_pieces.append(i)
     return BuildPlan(name, index_uri, emb_uri, int(dim), rows, skipped, ids, int(next_id), int(reused), index,
                      shard_plans, ids_table, queries, train_masks, train_pieces,
-                     build_id or f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}")
+                     build_id or f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}", n,
+                     [len(p.rows) for p in shard_plans])

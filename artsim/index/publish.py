@@ -18,16 +18,23 @@ from artsim.rundir.index_manifest import FORMAT, IDS, MANIFEST, METRIC, validate
 from artsim.storage import Storage, join
 
 
-def load_previous(storage: Storage, index_uri: str):
-    """The previous build's (manifest, ids table), verified, or (None, None) when there is none."""
+def load_previous_manifest(storage: Storage, index_uri: str) -> Optional[dict]:
+    """The previous build's manifest, validated, or None when there is none (small: the driver reads it)."""
+    manifest_uri = join(index_uri, MANIFEST)
+    if not storage.exists(manifest_uri):
+        return None
+    return validate_manifest(storage.read_json(manifest_uri), manifest_uri)
+
+
+def load_previous_ids(storage: Storage, index_uri: str, manifest: Optional[dict]):
+    """The previous build's id map (id, object_id), checksum-verified, or None without a previous build. One row
+    per indexed work: read where the plan is made (the plan task), not on the driver."""
     import pyarrow.parquet as pq
 
     from artsim.serving.shards import verify_file
 
-    manifest_uri = join(index_uri, MANIFEST)
-    if not storage.exists(manifest_uri):
-        return None, None
-    manifest = validate_manifest(storage.read_json(manifest_uri), manifest_uri)
+    if manifest is None:
+        return None
     with tempfile.TemporaryDirectory(prefix="artsim-ids-") as tmp:
         path = os.path.join(tmp, IDS)
         storage.download_file(join(index_uri, manifest["ids"]), path)
@@ -36,12 +43,17 @@ def load_previous(storage: Storage, index_uri: str):
         except IntegrityError as exc:
             raise IntegrityError(f"{exc}. The previous index's ids cannot be trusted, so ids could not be kept "
                                  f"stable; delete {index_uri} to rebuild with fresh ids") from None
-        ids = pq.read_table(path, columns=["id", "object_id"])
-    return manifest, ids
+        return pq.read_table(path, columns=["id", "object_id"])
+
+
+def load_previous(storage: Storage, index_uri: str):
+    """The previous build's (manifest, ids table), verified, or (None, None) when there is none."""
+    manifest = load_previous_manifest(storage, index_uri)
+    return manifest, load_previous_ids(storage, index_uri, manifest)
 
 
 def build_manifest(plan: BuildPlan, result: BuildResult, model: dict, facets, metadata, seconds: dict,
-                   files: int, ids_bytes: bytes) -> dict:
+                   files: int, ids_file: tuple[str, int]) -> dict:
     """manifest.json of a build (docs/DESIGN.md: dim, metric, factory, ntotal, model, search params, shards, ids)."""
     tuning = result.tuning
     return {
@@ -52,7 +64,7 @@ def build_manifest(plan: BuildPlan, result: BuildResult, model: dict, facets, me
         "embeddings": plan.emb_uri,
         "search_params": tuning["params"],
         "shards": result.shard_entries,
-        "ids": IDS, "ids_sha256": hashlib.sha256(ids_bytes).hexdigest(), "ids_bytes": len(ids_bytes),
+        "ids": IDS, "ids_sha256": ids_file[0], "ids_bytes": int(ids_file[1]),
         "facets": list(facets), "metadata": list(metadata),
         "recall_at_10": tuning["recall_at_10"], "latency_ms": tuning["latency"],
         "batch_ms_per_query": tuning["batch_ms_per_query"],
@@ -64,12 +76,18 @@ def build_manifest(plan: BuildPlan, result: BuildResult, model: dict, facets, me
     }
 
 
+def write_ids(storage: Storage, index_uri: str, ids_parquet: bytes) -> tuple[str, int]:
+    """Write ids.parquet (bytes from ``parquet_bytes(plan.ids_table)``); returns its (sha256, size) for the
+    manifest. Runs in a Ray task (``write_ids_task``): the bytes never pass through the driver."""
+    storage.write_bytes(join(index_uri, IDS), ids_parquet)
+    return hashlib.sha256(ids_parquet).hexdigest(), len(ids_parquet)
+
+
 def write_manifest(storage: Storage, plan: BuildPlan, result: BuildResult, model: dict, facets, metadata,
-                   seconds: dict, files: int, previous_manifest: Optional[dict]) -> dict:
-    """Write ids.parquet, then manifest.json (the commit), then delete builds older than the previous one."""
-    ids_bytes = parquet_bytes(plan.ids_table)
-    storage.write_bytes(join(plan.index_uri, IDS), ids_bytes)
-    manifest = build_manifest(plan, result, model, facets, metadata, seconds, files, ids_bytes)
+                   seconds: dict, files: int, previous_manifest: Optional[dict], ids_file: tuple[str, int]) -> dict:
+    """Write manifest.json (the commit; ``ids_file``: the (sha256, size) of the ids.parquet just written by
+    ``write_ids``), then delete builds older than the previous one."""
+    manifest = build_manifest(plan, result, model, facets, metadata, seconds, files, ids_file)
     storage.write_json(join(plan.index_uri, MANIFEST), manifest)  # last: readers see the new index only from here
     delete_old_builds(storage, plan.index_uri, keep={plan.build_id, build_of(previous_manifest)})
     return manifest

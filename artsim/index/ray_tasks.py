@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from typing import Optional
 
 import numpy as np
 import ray
@@ -26,14 +27,49 @@ def max_length_task(piece: Piece, storage_config) -> int:
     return max_length_of_piece(Storage(storage_config), piece)
 
 
-@ray.remote(num_returns=3)
+@ray.remote(num_returns=4)
 def scan_task(piece: Piece, dim: int, query_rows: np.ndarray, train_rows: np.ndarray, storage_config,
               batch_rows: int):
-    """Returns (summary for the driver, vectors at query_rows, vectors at train_rows). The driver fetches only the
-    first two; the training candidates stay in the object store until the train task reads them."""
+    """Returns (summary for the driver, one bit per row: a good vector, vectors at query_rows, vectors at
+    train_rows). The driver fetches the summary and the query vectors; the good-row bits stay in the object store
+    for the plan task, the training candidates for the train task."""
     result = scan_piece(Storage(storage_config), piece, dim, [query_rows, train_rows], batch_rows)
-    summary = {"num_rows": result.num_rows, "good": np.packbits(result.good), "off_norm": result.off_norm}
-    return summary, result.picked[0], result.picked[1]
+    summary = {"num_rows": result.num_rows, "good_rows": int(result.good.sum()), "off_norm": result.off_norm}
+    return summary, np.packbits(result.good), result.picked[0], result.picked[1]
+
+
+@ray.remote
+def plan_task(cfg, storage_config, plan_args: dict, good_refs: list, records_uri: Optional[str],
+              previous_manifest: Optional[dict], max_shards: int):
+    """The build plan, made where the per-row data may live (not the driver): reads the object_id column, the
+    scan's good-row bits, the previous build's id map and the facet / metadata columns of records/, runs
+    ``plan_build``, and returns ``1 + 1 + max_shards`` objects: the plan without its per-row parts (for the
+    driver), ids.parquet's bytes (for ``write_ids_task``) and each shard's ShardPlan (None past the last shard),
+    which the shard tasks get straight from the object store."""
+    from artsim.index.build import read_object_ids, read_record_columns
+    from artsim.index.plan import plan_build
+    from artsim.index.publish import load_previous_ids, parquet_bytes
+
+    storage = Storage(storage_config)
+    pieces = plan_args["pieces"]
+    object_ids = read_object_ids(storage, plan_args["files"])
+    good = np.concatenate([np.unpackbits(bits, count=piece.num_rows).astype(bool)
+                           for bits, piece in zip(ray.get(good_refs), pieces)])
+    records = read_record_columns(storage, records_uri, cfg.facets, cfg.metadata) if records_uri else None
+    plan = plan_build(cfg, object_ids=object_ids, good=good, records=records,
+                      previous_ids=load_previous_ids(storage, plan_args["index_uri"], previous_manifest),
+                      previous_next_id=(previous_manifest or {}).get("next_id", 0), **plan_args)
+    del object_ids, good, records
+    shards = list(plan.shards) + [None] * (max_shards - len(plan.shards))
+    return (plan.without_rows(), parquet_bytes(plan.ids_table), *shards)
+
+
+@ray.remote
+def write_ids_task(storage_config, index_uri: str, ids_parquet: bytes):
+    """Write ids.parquet; returns its (sha256, size) for the manifest."""
+    from artsim.index.publish import write_ids
+
+    return write_ids(Storage(storage_config), index_uri, ids_parquet)
 
 
 @ray.remote
