@@ -28,7 +28,7 @@ FONT_DIRS = ("/usr/share/fonts", "/usr/share/texmf/fonts/opentype", "/usr/local/
              os.path.expanduser("~/.fonts"), os.path.expanduser("~/.local/share/fonts"))
 FONT_SUFFIXES = (".ttf", ".otf")
 # Fonts whose Latin code points hold pictures or Greek, not letters: a "letter" in them is something else.
-SYMBOL_NAME_PARTS = ("symbol", "dingbat", "d050000l", "emoji", "math", "music", "ornament")
+SYMBOL_NAME_PARTS = ("symbol", "dingbat", "d050000l", "emoji", "math", "music", "ornament", "cmex", "cmsy")
 _MISSING = "\U0010FFFD"  # a private-use code point no text font maps: what a missing glyph looks like
 
 # Where a glyph sits on its square canvas (fractions of the side): the cap height ("H") of every font is scaled
