@@ -259,7 +259,7 @@ def evaluate(index_uri: str, items: list[Item], facet: str, k: int, seed: int, m
         queries = [queries[i] for i in sorted(pick)]
     index = ShardedIndex.open(index_uri)
     try:
-        haystack = len(index.object_ids)
+        haystack = len(index.object_ids())
         by_target: dict = {}
         for q, t in queries:
             by_target.setdefault(t, []).append(q)
@@ -300,7 +300,17 @@ def run_benchmark(name: str, items: list[Item], facet: str, info: dict, args) ->
     n_triplets = write_triplets(ctx, items, args.triplets_per_item, args.seed)
     print(f"{name}: {n_triplets} training triplets over {sum(it.split == 'train' for it in items)} train images",
           flush=True)
-    ensure_ray(ctx.config)
+    for attempt in range(3):  # Ray gives its raylet 30 s to register: not always enough on a loaded 2-core machine
+        try:
+            ensure_ray(ctx.config)
+            break
+        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for this
+            if "timed out during startup" not in str(exc) or attempt == 2:
+                raise
+            print(f"{name}: Ray did not start in time ({exc}); trying again", flush=True)
+            import ray
+
+            ray.shutdown()
     t1 = time.perf_counter()
     train = run_train(ctx)
     train_seconds = time.perf_counter() - t1
