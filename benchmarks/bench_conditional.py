@@ -54,7 +54,7 @@ class Item:
     object_id: str
     condition: str  # font / style: the facet queries are conditioned on
     content: str  # what must match across conditions (a character, a crop of a picture)
-    group: str  # held out whole in training validation (font design / source picture)
+    group: str  # held out whole in training validation (font design / style)
     split: str  # train / test
     render: Callable  # () -> PIL image
 
@@ -123,8 +123,10 @@ def style_items(args) -> tuple[list[Item], dict]:
         styles = sorted(test_styles if pic_split == "test" else train_styles)
         for j in range(args.crops):
             for style in styles:
+                # group = the style: the train stage's validation then holds out whole training styles, so the
+                # exported epoch is the one that carries over to styles it did not train on (as the test asks)
                 items.append(Item(f"styles:{os.path.splitext(name)[0]}-{j}-{style}", style,
-                                  f"{name}#{j}", name, pic_split,
+                                  f"{name}#{j}", style, pic_split,
                                   lambda n=name, j=j, s=style: apply_style(crop(n, j), s)))
     info = {"pictures": len(files), "crops_per_picture": args.crops, "train_styles": sorted(train_styles),
             "test_styles": sorted(test_styles), "train_pictures": len(train_pics), "test_pictures": len(test_pics)}
