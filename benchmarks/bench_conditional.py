@@ -285,8 +285,6 @@ def evaluate(index_uri: str, items: list[Item], facet: str, k: int, seed: int, m
 
 
 def run_benchmark(name: str, items: list[Item], facet: str, info: dict, args) -> dict:
-    import dataclasses
-
     from artsim.runtime import ensure_ray
     from artsim.train.stage import run_train
 
