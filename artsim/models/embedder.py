@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from artsim.errors import ArtsimError, ConfigError
 from artsim.models import efficientnet_lite as _lite
+from artsim.models import hub_models as _hub
 from artsim.models.artifact import load_artifact
 from artsim.models.backbones import (_new_backbone, backbone_spec, build_backbone, fetch_torchvision_state,
                                      strip_classifier, torchvision_weights)
@@ -102,6 +103,30 @@ class Embedder(nn.Module):
         return model_description(self.model_key, self.spec, self.weights_id, self.weights, self.seed)
 
 
+class ClipEmbedder(Embedder):
+    """An Embedder over a CLIP image tower that also embeds text with the same model's text tower: texts and images
+    land in one space, L2-normalised the same way, so a text query searches an index of the image vectors."""
+
+    def __init__(self, *args, text_tower, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.text_tower = text_tower
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Texts -> (N, output_dim) float32 unit vectors (the tokenizer truncates to the model's context)."""
+        import torch
+        import torch.nn.functional as F
+
+        texts = list(texts)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text.strip():
+                raise ArtsimError(f"text query {i}: expected a non-empty string, got {text!r:.60}")
+        if not texts:
+            return np.zeros((0, self.spec.output_dim), dtype=np.float32)
+        with torch.inference_mode():
+            features = self.text_tower(texts)
+        return F.normalize(features.float(), dim=1, eps=1e-30).cpu().numpy()
+
+
 def model_description(key: str, spec: ModelSpec, weights_id: str, weights: Optional[str], seed: int) -> dict:
     """The model part of embeddings/<model_key>/_model.json (the index stage copies it into its manifest).
 
@@ -129,6 +154,8 @@ def _torchvision_weights_id(embed_cfg) -> str:
     if _lite.is_lite_model(embed_cfg.model):  # packaged EfficientNet-Lite (efficientnet_lite.py)
         weights = _lite.check_weights_name(embed_cfg.model, embed_cfg.weights)
         return _lite.weights_id(embed_cfg.model, weights, embed_cfg.seed)
+    if _hub.is_hub_model(embed_cfg.model):  # open_clip:<arch> / timm:<name> (hub_models.py)
+        return _hub.weights_id(embed_cfg.model, embed_cfg.weights, embed_cfg.seed)
     if embed_cfg.weights is None:
         return f"random-init-seed-{embed_cfg.seed}"
     entry = torchvision_weights(embed_cfg.model, embed_cfg.weights)
@@ -154,6 +181,10 @@ def describe_model(embed_cfg, storage: Optional[Storage] = None,
         if spec.backbone_weights:
             _lite.weights_path()
         spec.feature_dim = spec.output_dim = _lite.FEATURE_DIM
+        return spec, _torchvision_weights_id(embed_cfg)
+    if _hub.is_hub_model(spec.backbone):  # fetched into this node's cache now (or a clear error within seconds)
+        _hub.fetch_weights(spec.backbone, spec.backbone_weights)
+        spec.feature_dim = spec.output_dim = _hub.feature_dim(spec.backbone, spec.image_size)
         return spec, _torchvision_weights_id(embed_cfg)
     if spec.backbone_weights:
         fetch_torchvision_state(torchvision_weights(spec.backbone, spec.backbone_weights).url)  # fetchable, or a clear error
@@ -187,9 +218,17 @@ def build_embedder(embed_cfg, storage: Optional[Storage] = None, image_size: Opt
                 p.requires_grad_(False)
         return Embedder(spec, backbone, head, weights_id, key, weights, embed_cfg.seed)
     spec = backbone_spec(embed_cfg.model, weights, embed_cfg.seed, image_size)
+    if _hub.is_hub_model(spec.backbone):  # open_clip:<arch> / timm:<name>; CLIP also brings its text tower
+        backbone, feature_dim, text_tower = _hub.build_backbone(spec.backbone, spec.backbone_weights,
+                                                                spec.backbone_seed or 0, spec.image_size)
+        spec.feature_dim = spec.output_dim = feature_dim
+        args = (spec, backbone, None, _torchvision_weights_id(embed_cfg), key, weights, embed_cfg.seed)
+        if text_tower is not None:
+            return ClipEmbedder(*args, text_tower=text_tower)
+        return Embedder(*args)
     backbone, feature_dim = build_backbone(spec)
     spec.feature_dim = spec.output_dim = feature_dim
     return Embedder(spec, backbone, None, _torchvision_weights_id(embed_cfg), key, weights, embed_cfg.seed)
 
 
-__all__ = ["Embedder", "build_embedder", "describe_model", "model_description"]
+__all__ = ["ClipEmbedder", "Embedder", "build_embedder", "describe_model", "model_description"]
