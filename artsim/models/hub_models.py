@@ -198,10 +198,11 @@ def _hf_fetch(repo_id: str, filenames: list[str], what: str, timeout_s: float) -
     return _under_deadline(download, timeout_s, f"{what} from {endpoint}/{repo_id}", hint)
 
 
-def fetch_weights(model: str, weights: Optional[str], timeout_s: float = DOWNLOAD_TIMEOUT_S) -> Optional[str]:
+def fetch_weights(model: str, weights: Optional[str], timeout_s: Optional[float] = None) -> Optional[str]:
     """The local weights file of a hub model (cached per node), or None for random init."""
     if weights is None:
         return None
+    timeout_s = DOWNLOAD_TIMEOUT_S if timeout_s is None else timeout_s  # module value read now: tests shorten it
     if is_clip_model(model):
         arch, tag = _check_open_clip(model, weights)
         cfg = _open_clip().get_pretrained_cfg(arch, tag)
