@@ -189,6 +189,8 @@ def _hf_fetch(repo_id: str, filenames: list[str], what: str, timeout_s: float) -
             try:
                 return hf_hub_download(repo_id, filename, cache_dir=cache, endpoint=endpoint,
                                        etag_timeout=timeout_s)
+            except LocalEntryNotFoundError:  # (a subclass of EntryNotFoundError) the hub could not be reached
+                raise
             except EntryNotFoundError:  # the repo has the other format
                 missing.append(filename)
         raise FileNotFoundError(f"{repo_id} has none of {', '.join(missing)}")
