@@ -215,3 +215,27 @@ def test_an_index_of_a_non_clip_model_refuses_text_queries(tmp_path_factory, ray
     result = cli_query("--index", uri, "--text", "a vase")
     assert result.returncode == 2
     assert "text queries need a CLIP model" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_clip_artifact_carries_both_towers_and_loads_without_network(closed_hub, tmp_path):
+    """save_clip_artifact -> embed.weights: <artifact>: the same image and text vectors on a node with no network
+    and an empty Hugging Face cache (a small registered CLIP architecture keeps the file at ~100 MB)."""
+    from artsim.models.artifact import load_artifact_parts
+    from artsim.models.embedder import save_clip_artifact
+    from artsim.storage import Storage
+
+    small = "open_clip:ViT-S-32-alt"
+    original = build_embedder(EmbedConfig(model=small, weights=None, seed=5))
+    uri = str(tmp_path / "clip-export")
+    weights_id = save_clip_artifact(original, Storage(), uri)
+    spec, backbone, head, text, loaded_id = load_artifact_parts(Storage(), uri)
+    assert loaded_id == weights_id and spec.text_tower == {"tokenizer": "ViT-S-32-alt"} and head is None
+    assert backbone and text and not any(k.startswith("clip.visual") for k in text)
+
+    rebuilt = build_embedder(EmbedConfig(model=small, weights=uri))
+    assert isinstance(rebuilt, ClipEmbedder) and rebuilt.weights_id == weights_id
+    texts = ["a bronze statue", "a landscape with cows"]
+    np.testing.assert_allclose(rebuilt.embed_texts(texts), original.embed_texts(texts), atol=1e-5)
+    images = [p.read_bytes() for p in IMAGES[:2]]
+    np.testing.assert_allclose(rebuilt.embed_pil(images), original.embed_pil(images), atol=1e-5)
+    assert not list(closed_hub.parent.glob("**/*.safetensors"))  # nothing was fetched

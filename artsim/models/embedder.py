@@ -12,7 +12,7 @@ import torch.nn as nn
 from artsim.errors import ArtsimError, ConfigError
 from artsim.models import efficientnet_lite as _lite
 from artsim.models import hub_models as _hub
-from artsim.models.artifact import load_artifact
+from artsim.models.artifact import load_artifact_parts, save_artifact
 from artsim.models.backbones import (_new_backbone, backbone_spec, build_backbone, fetch_torchvision_state,
                                      strip_classifier, torchvision_weights)
 from artsim.models.heads import build_head
@@ -140,14 +140,14 @@ def model_description(key: str, spec: ModelSpec, weights_id: str, weights: Optio
 
 def _load_checked_artifact(embed_cfg, storage: Storage, image_size: Optional[int]):
     weights = embed_cfg.weights
-    spec, backbone_state, head_state, weights_id = load_artifact(storage, weights)
+    spec, backbone_state, head_state, text_state, weights_id = load_artifact_parts(storage, weights)
     if spec.backbone != embed_cfg.model:
         raise ConfigError("embed.model", f"is {embed_cfg.model!r} but the artifact {weights} was trained on "
                                          f"{spec.backbone!r}; set embed.model: {spec.backbone}")
     if image_size is not None and image_size != spec.image_size:
         raise ConfigError("embed.image_size", f"the artifact {weights} was made for {spec.image_size} px; "
                                               f"leave embed.image_size unset")
-    return spec, backbone_state, head_state, weights_id
+    return spec, backbone_state, head_state, text_state, weights_id
 
 
 def _torchvision_weights_id(embed_cfg) -> str:
@@ -174,7 +174,7 @@ def describe_model(embed_cfg, storage: Optional[Storage] = None,
     storage = storage or Storage()
     image_size = image_size if image_size is not None else getattr(embed_cfg, "image_size", None)
     if embed_cfg.weights is not None and is_artifact_uri(embed_cfg.weights):
-        spec, _, _, weights_id = _load_checked_artifact(embed_cfg, storage, image_size)
+        spec, _, _, _, weights_id = _load_checked_artifact(embed_cfg, storage, image_size)
         return spec, weights_id
     spec = backbone_spec(embed_cfg.model, embed_cfg.weights, embed_cfg.seed, image_size)
     if _lite.is_lite_model(spec.backbone):  # packaged EfficientNet-Lite: the file is local, or a clear error
@@ -205,8 +205,15 @@ def build_embedder(embed_cfg, storage: Optional[Storage] = None, image_size: Opt
     weights = embed_cfg.weights
     key = model_key(embed_cfg)
     if weights is not None and is_artifact_uri(weights):
-        spec, backbone_state, head_state, weights_id = _load_checked_artifact(embed_cfg, storage, image_size)
-        backbone, feature_dim = build_backbone(spec, backbone_state)
+        spec, backbone_state, head_state, text_state, weights_id = _load_checked_artifact(embed_cfg, storage,
+                                                                                          image_size)
+        text_tower = None
+        if _hub.is_hub_model(spec.backbone):  # a CLIP artifact may carry its text tower (no network needed)
+            backbone, feature_dim, text_tower = _hub.build_backbone(
+                spec.backbone, spec.backbone_weights, spec.backbone_seed or 0, spec.image_size, backbone_state,
+                with_text=spec.head is None, text_state=text_state)
+        else:
+            backbone, feature_dim = build_backbone(spec, backbone_state)
         if feature_dim != spec.feature_dim:
             raise ArtsimError(f"{weights}: feature_dim {spec.feature_dim} but {spec.backbone} gives {feature_dim}")
         head = None
@@ -216,6 +223,8 @@ def build_embedder(embed_cfg, storage: Optional[Storage] = None, image_size: Opt
             head.eval()
             for p in head.parameters():
                 p.requires_grad_(False)
+        if text_tower is not None:
+            return ClipEmbedder(spec, backbone, head, weights_id, key, weights, embed_cfg.seed, text_tower=text_tower)
         return Embedder(spec, backbone, head, weights_id, key, weights, embed_cfg.seed)
     spec = backbone_spec(embed_cfg.model, weights, embed_cfg.seed, image_size)
     if _hub.is_hub_model(spec.backbone):  # open_clip:<arch> / timm:<name>; CLIP also brings its text tower
@@ -231,4 +240,19 @@ def build_embedder(embed_cfg, storage: Optional[Storage] = None, image_size: Opt
     return Embedder(spec, backbone, None, _torchvision_weights_id(embed_cfg), key, weights, embed_cfg.seed)
 
 
-__all__ = ["ClipEmbedder", "Embedder", "build_embedder", "describe_model", "model_description"]
+def save_clip_artifact(embedder: "ClipEmbedder", storage: Storage, uri: str) -> str:
+    """Write a CLIP embedder (image tower + text tower + tokenizer name) as an artsim artifact at ``uri``; returns its
+    weights_id. ``embed.model: <the same open_clip:<arch>>`` with ``embed.weights: <uri>`` rebuilds it on any node
+    or service with no network and no Hugging Face cache, text queries included."""
+    import dataclasses
+
+    if not isinstance(embedder, ClipEmbedder) or embedder.head is not None:
+        raise ArtsimError("save_clip_artifact: needs a CLIP embedder (embed.model: open_clip:<arch>) without a head")
+    arch = embedder.spec.backbone.split(":", 1)[1]
+    spec = dataclasses.replace(embedder.spec, includes_backbone_weights=True, text_tower={"tokenizer": arch})
+    return save_artifact(storage, uri, spec, backbone_state=embedder.backbone.state_dict(),
+                         text_state=embedder.text_tower.state_dict())
+
+
+__all__ = ["ClipEmbedder", "Embedder", "build_embedder", "describe_model", "model_description",
+           "save_clip_artifact"]

@@ -297,13 +297,15 @@ class ClipTextTower(nn.Module):
 
 
 def build_backbone(model: str, weights: Optional[str], seed: int, image_size: int,
-                   backbone_state: Optional[dict] = None, with_text: bool = True):
-    """(image module in eval mode, feature_dim, ClipTextTower or None). ``backbone_state`` (an artifact's image
-    tower) wins over ``weights``; the text tower is only offered where the image tower is the one it was trained
-    with (no artifact backbone)."""
+                   backbone_state: Optional[dict] = None, with_text: bool = True, text_state: Optional[dict] = None):
+    """(image module in eval mode, feature_dim, ClipTextTower or None). ``backbone_state`` / ``text_state`` (an
+    artifact's towers) win over ``weights`` (nothing is fetched then); the text tower is only offered with the image
+    tower it was trained with: the published weights, or an artifact that carries both."""
     import torch
 
     path = fetch_weights(model, weights) if backbone_state is None else None
+    if text_state is not None and not is_clip_model(model):
+        raise ArtsimError(f"{model}: only open_clip models have a text tower")
     text = None
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
         torch.manual_seed(seed)
@@ -320,8 +322,14 @@ def build_backbone(model: str, weights: Optional[str], seed: int, image_size: in
                     from None
             network = clip.visual
             dim = int(open_clip.get_model_config(arch)["embed_dim"])
-            if with_text and backbone_state is None:
+            if with_text and (backbone_state is None or text_state is not None):
                 text = ClipTextTower(clip, open_clip.get_tokenizer(arch)).eval()
+                if text_state is not None:
+                    try:
+                        text.load_state_dict(text_state, strict=True)
+                    except RuntimeError as exc:
+                        raise ArtsimError(f"artifact text tower weights do not fit {model}: {str(exc)[:500]}") \
+                            from None
                 for p in text.parameters():
                     p.requires_grad_(False)
         else:

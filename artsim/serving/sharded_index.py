@@ -346,8 +346,10 @@ class ShardedIndex:
             return callable(getattr(self._embedder, "embed_texts", None))
         model = self.manifest.get("model") or {}
         spec = model.get("spec") if isinstance(model.get("spec"), dict) else {}
-        # a trained head or a fine-tuned image tower leaves the space the text tower was trained to meet
-        retrained = spec.get("head") is not None or bool(spec.get("includes_backbone_weights"))
+        # a trained head or a fine-tuned image tower leaves the space the text tower was trained to meet; an
+        # artifact that carries both towers (save_clip_artifact) keeps them together
+        retrained = spec.get("head") is not None or (bool(spec.get("includes_backbone_weights"))
+                                                     and spec.get("text_tower") is None)
         return str(model.get("backbone") or "").startswith(TEXT_MODEL_PREFIXES) and not retrained
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
