@@ -239,3 +239,22 @@ def test_a_clip_artifact_carries_both_towers_and_loads_without_network(closed_hu
     images = [p.read_bytes() for p in IMAGES[:2]]
     np.testing.assert_allclose(rebuilt.embed_pil(images), original.embed_pil(images), atol=1e-5)
     assert not list(closed_hub.parent.glob("**/*.safetensors"))  # nothing was fetched
+
+
+def test_http_neighbors_accepts_a_text_for_a_clip_index(clip_index):
+    """POST /v1/{index}/neighbors {"text": ...} on a real loopback server: the Python API's hits."""
+    from serve_util import call, running
+
+    from artsim.serve.app import create_app
+    from artsim.serve.registry import IndexRegistry
+
+    uri, _ = clip_index
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    with running(create_app(IndexRegistry([uri], poll_seconds=0))) as port:
+        health = call(port, "GET", "/health")[1]
+        assert [ix["text_queries"] for ix in health["indexes"]] == [True]
+        status, body = call(port, "POST", f"/v1/{name}/neighbors?k=3", {"text": "a bronze sculpture of an emperor"})
+    assert status == 200, body
+    expected = ShardedIndex.open(uri).search_text("a bronze sculpture of an emperor", k=3)[0]
+    assert [h["object_id"] for h in body["results"]] == [h["object_id"] for h in expected]
+    assert [h["score"] for h in body["results"]] == pytest.approx([h["score"] for h in expected], abs=1e-5)
