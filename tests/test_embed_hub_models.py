@@ -77,6 +77,9 @@ def test_named_vit_b_32_builds_with_random_weights_image_and_text_512_d():
     with pytest.raises(ArtsimError, match="non-empty string"):
         embedder.embed_texts(["  "])
     assert embedder.describe()["backbone"] == CLIP
+    image_only = build_embedder(cfg, with_text=False)  # what the embed stage's replicas build
+    assert not hasattr(image_only, "embed_texts")
+    np.testing.assert_allclose(image_only.embed_pil([p.read_bytes() for p in IMAGES[:2]]), images, atol=1e-6)
 
 
 def test_dinov2_through_timm_builds_with_random_weights():

@@ -194,11 +194,13 @@ def describe_model(embed_cfg, storage: Optional[Storage] = None,
     return spec, _torchvision_weights_id(embed_cfg)
 
 
-def build_embedder(embed_cfg, storage: Optional[Storage] = None, image_size: Optional[int] = None) -> Embedder:
+def build_embedder(embed_cfg, storage: Optional[Storage] = None, image_size: Optional[int] = None,
+                   with_text: bool = True) -> Embedder:
     """The embedding model for an EmbedConfig (fields used: model, weights, seed, and image_size if it has one).
 
     weights: None -> random init seeded by embed.seed (identical in every process); a torchvision weights name;
-    or an artifact URI (local, file://, s3://) written by save_artifact.
+    or an artifact URI (local, file://, s3://) written by save_artifact. ``with_text=False``: a CLIP model's text
+    tower is not kept (image-only replicas; ViT-B-32's is 63M parameters).
     """
     storage = storage or Storage()
     image_size = image_size if image_size is not None else getattr(embed_cfg, "image_size", None)
@@ -211,7 +213,7 @@ def build_embedder(embed_cfg, storage: Optional[Storage] = None, image_size: Opt
         if _hub.is_hub_model(spec.backbone):  # a CLIP artifact may carry its text tower (no network needed)
             backbone, feature_dim, text_tower = _hub.build_backbone(
                 spec.backbone, spec.backbone_weights, spec.backbone_seed or 0, spec.image_size, backbone_state,
-                with_text=spec.head is None, text_state=text_state)
+                with_text=with_text and spec.head is None, text_state=text_state)
         else:
             backbone, feature_dim = build_backbone(spec, backbone_state)
         if feature_dim != spec.feature_dim:
@@ -229,7 +231,8 @@ def build_embedder(embed_cfg, storage: Optional[Storage] = None, image_size: Opt
     spec = backbone_spec(embed_cfg.model, weights, embed_cfg.seed, image_size)
     if _hub.is_hub_model(spec.backbone):  # open_clip:<arch> / timm:<name>; CLIP also brings its text tower
         backbone, feature_dim, text_tower = _hub.build_backbone(spec.backbone, spec.backbone_weights,
-                                                                spec.backbone_seed or 0, spec.image_size)
+                                                                spec.backbone_seed or 0, spec.image_size,
+                                                                with_text=with_text)
         spec.feature_dim = spec.output_dim = feature_dim
         args = (spec, backbone, None, _torchvision_weights_id(embed_cfg), key, weights, embed_cfg.seed)
         if text_tower is not None:
