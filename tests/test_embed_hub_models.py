@@ -10,9 +10,7 @@ import json
 import socket
 import subprocess
 import sys
-import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
