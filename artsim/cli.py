@@ -24,7 +24,7 @@ COMMANDS = {
     "report": "write the curator report (HTML) into reports/",
     "pipeline": "run pipeline.stages in order, with one summary table at the end",
     "plan": "project wall time, node counts and cost of a run of N works on a cluster",
-    "query": "nearest neighbours of a work or an image, from a built index",
+    "query": "nearest neighbours of a work, an image or (CLIP models) a text, from a built index",
     "serve": "serve an index over HTTP (search API, hot reload from S3)",
     "export": "write the ok images and their records as webdataset or img2dataset shards",
     "demo": "the embedded 80-work Met demo, end to end on a private Ray",
@@ -104,6 +104,8 @@ def query_main(argv: list[str]) -> int:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--id", dest="object_id", help="object_id of an indexed work")
     what.add_argument("--image", help="image file; embedded with the model named in the manifest")
+    what.add_argument("--text", help="a text, for an index built with a CLIP model (embed.model: open_clip:<arch>); "
+                                     "embedded with that model's text tower")
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--where", action="append", default=[], metavar="FIELD=VALUE",
                    help="pre-filter on a facet column (repeatable; VALUE may be a|b for any of several)")
@@ -121,11 +123,15 @@ def _query(args) -> int:
         raise ArtsimError("-k: must be at least 1")
     if args.image is not None:
         _check_image_path(args.image)
+    if args.text is not None and not args.text.strip():
+        raise ArtsimError("--text: must not be empty")
     where = parse_where(args.where)
     index = ShardedIndex.open(args.index, cache_dir=args.cache_dir)
     if args.object_id:
         search = index.farthest_ids if args.farthest else index.search_ids
         hits = search([args.object_id], args.k, where=where)[0]
+    elif args.text is not None:
+        hits = index.search_text(args.text, args.k, where=where, farthest=args.farthest)[0]
     else:
         vectors = index.embed_images([args.image])
         search = index.farthest if args.farthest else index.search

@@ -218,8 +218,12 @@ class DownloadConfig:
 
 @dataclass
 class EmbedConfig:
-    model: str = "resnet50"  # a torchvision model name, or efficientnet_lite0 (packaged ImageNet weights)
-    weights: Optional[str] = None  # torchvision weights name, imagenet (efficientnet_lite0), artifact URI, or null = random init
+    # a torchvision model name, efficientnet_lite0 (packaged ImageNet weights), open_clip:<arch> (CLIP, e.g.
+    # open_clip:ViT-B-32; text queries) or timm:<name> (e.g. timm:vit_small_patch14_dinov2.lvd142m)
+    model: str = "resnet50"
+    # torchvision weights name, imagenet (efficientnet_lite0), an open_clip pretrained tag (laion2b_s34b_b79k),
+    # hub (timm), artifact URI, or null = random init; open_clip/timm weights download into HF_HOME per node
+    weights: Optional[str] = None
     batch_size: int = 32  # images per model call (and per block through the pipeline)
     num_actors: int = 1  # model replicas in the actor pool
     num_gpus: float = 0.0  # per actor; 0 runs on CPU

@@ -75,7 +75,7 @@ class EmbedWorker:
             raise ArtsimError("embed.num_gpus > 0 but this Ray worker sees no CUDA device")
         if not use_gpu:
             torch.set_num_threads(torch_threads or default_torch_threads(embed_cfg))
-        embedder = build_embedder(embed_cfg, Storage(storage_cfg))
+        embedder = build_embedder(embed_cfg, Storage(storage_cfg), with_text=False)  # images only: no text tower
         if expected_weights_id is not None and embedder.weights_id != expected_weights_id:
             raise ArtsimError(f"model replica loaded weights {embedder.weights_id}, expected {expected_weights_id} "
                               f"(the weights changed while the job ran?)")

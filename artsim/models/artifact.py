@@ -54,7 +54,7 @@ def _safe_state(state: dict, prefix: str) -> dict:
 
 
 def save_artifact(storage: Storage, uri: str, spec: ModelSpec, backbone_state: Optional[dict] = None,
-                  head_state: Optional[dict] = None) -> str:
+                  head_state: Optional[dict] = None, text_state: Optional[dict] = None) -> str:
     """Write an artifact directory at ``uri``; returns its weights_id (sha256 of weights.safetensors).
 
     artifact.json is removed first and written last, so readers never take a half-written export for a finished one.
@@ -66,6 +66,8 @@ def save_artifact(storage: Storage, uri: str, spec: ModelSpec, backbone_state: O
         raise ArtsimError("save_artifact: pass backbone_state exactly when spec.includes_backbone_weights is true")
     if (spec.head is not None) != (head_state is not None):
         raise ArtsimError("save_artifact: pass head_state exactly when spec.head is set")
+    if (spec.text_tower is not None) != (text_state is not None):
+        raise ArtsimError("save_artifact: pass text_state exactly when spec.text_tower is set")
     if backbone_state is None and head_state is None:
         raise ArtsimError("save_artifact: nothing to save (no backbone weights and no head)")
     if head_state is not None:  # fail now, not when someone loads it
@@ -76,6 +78,7 @@ def save_artifact(storage: Storage, uri: str, spec: ModelSpec, backbone_state: O
     tensors = {}
     tensors.update(_safe_state(backbone_state or {}, "backbone."))
     tensors.update(_safe_state(head_state or {}, "head."))
+    tensors.update(_safe_state(text_state or {}, "text."))
     data = safetensors_save(tensors, metadata={"format": ARTIFACT_FORMAT})
     weights_id = hashlib.sha256(data).hexdigest()
     spec_uri = join(uri, SPEC_FILE)
@@ -89,6 +92,13 @@ def save_artifact(storage: Storage, uri: str, spec: ModelSpec, backbone_state: O
 
 def load_artifact(storage: Storage, uri: str) -> tuple[ModelSpec, Optional[dict], Optional[dict], str]:
     """Read and verify an artifact: (spec, backbone_state or None, head_state or None, weights_id)."""
+    spec, backbone, head, _, weights_id = load_artifact_parts(storage, uri)
+    return spec, backbone, head, weights_id
+
+
+def load_artifact_parts(storage: Storage, uri: str
+                        ) -> tuple[ModelSpec, Optional[dict], Optional[dict], Optional[dict], str]:
+    """load_artifact, plus a CLIP artifact's text tower: (spec, backbone, head, text_state or None, weights_id)."""
     from safetensors.torch import load as safetensors_load
 
     spec_uri = join(uri, SPEC_FILE)
@@ -115,11 +125,16 @@ def load_artifact(storage: Storage, uri: str) -> tuple[ModelSpec, Optional[dict]
         raise ArtsimError(f"{weights_uri}: not a valid safetensors file: {exc}") from None
     backbone = {k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")}
     head = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
-    stray = [k for k in tensors if not k.startswith(("backbone.", "head."))]
+    text = {k[len("text."):]: v for k, v in tensors.items() if k.startswith("text.")}
+    known = ("backbone.", "head.", "text.") if spec.text_tower is not None else ("backbone.", "head.")
+    stray = [k for k in tensors if not k.startswith(known)]
     if stray:
         raise ArtsimError(f"{weights_uri}: unexpected tensors {stray[:5]}")
     if spec.includes_backbone_weights and not backbone:
         raise ArtsimError(f"{weights_uri}: spec says it includes backbone weights but there are none")
     if spec.head is not None and not head:
         raise ArtsimError(f"{weights_uri}: spec has a head but there are no head weights")
-    return spec, (backbone if spec.includes_backbone_weights else None), (head if spec.head else None), actual
+    if spec.text_tower is not None and not text:
+        raise ArtsimError(f"{weights_uri}: spec has a text tower but there are no text weights")
+    return (spec, (backbone if spec.includes_backbone_weights else None), (head if spec.head else None),
+            (text if spec.text_tower is not None else None), actual)

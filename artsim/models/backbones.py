@@ -1,5 +1,6 @@
 """Backbones: torchvision classifiers by name (pooled penultimate features), their weights from torchvision's
-registry (torch.hub's downloader and cache), seeded random init, and the packaged EfficientNet-Lite."""
+registry (torch.hub's downloader and cache), seeded random init, the packaged EfficientNet-Lite, and open_clip /
+timm models by name (hub_models.py)."""
 from __future__ import annotations
 
 import contextlib
@@ -13,6 +14,7 @@ import torch.nn as nn
 
 from artsim.errors import ArtsimError, ConfigError, IntegrityError
 from artsim.models import efficientnet_lite as _lite
+from artsim.models import hub_models as _hub
 from artsim.models.spec import (DEFAULT_IMAGE_SIZE, DOWNLOAD_TIMEOUT_S, HEAD_ATTRIBUTES, IMAGENET_MEAN, IMAGENET_STD,
                                 ModelSpec)
 
@@ -138,6 +140,9 @@ def backbone_spec(model: str, weights: Optional[str], seed: int, image_size: Opt
     if _lite.is_lite_model(model):  # packaged EfficientNet-Lite (efficientnet_lite.py)
         return ModelSpec(**_lite.backbone_spec_fields(model, weights, seed, image_size), feature_dim=0, head=None,
                          output_dim=0, includes_backbone_weights=False)
+    if _hub.is_hub_model(model):  # open_clip:<arch> / timm:<name> (hub_models.py)
+        return ModelSpec(**_hub.backbone_spec_fields(model, weights, seed, image_size), head=None,
+                         includes_backbone_weights=False)
     resize_ratio = 1.0
     mean, std, size = IMAGENET_MEAN, IMAGENET_STD, DEFAULT_IMAGE_SIZE
     weights_name = None
@@ -162,6 +167,10 @@ def build_backbone(spec: ModelSpec, backbone_state: Optional[dict] = None):
     if _lite.is_lite_model(spec.backbone):  # packaged EfficientNet-Lite (efficientnet_lite.py)
         model, feature_dim = _lite.build_backbone(spec.backbone, spec.backbone_weights, spec.backbone_seed or 0,
                                                   spec.image_size, backbone_state)
+        backbone_state = None
+    elif _hub.is_hub_model(spec.backbone):  # open_clip:<arch> / timm:<name> (hub_models.py); image tower only
+        model, feature_dim, _ = _hub.build_backbone(spec.backbone, spec.backbone_weights, spec.backbone_seed or 0,
+                                                    spec.image_size, backbone_state, with_text=False)
         backbone_state = None
     else:
         model = _new_backbone(spec.backbone, spec.backbone_seed or 0, spec.image_size)

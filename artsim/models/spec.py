@@ -35,13 +35,19 @@ class ModelSpec:
     includes_backbone_weights: bool  # the artifact's weights file carries the backbone (finetuned)
     resize_size: Optional[int] = None  # shorter side before the centre crop; None = image_size
     backbone_seed: Optional[int] = None  # random-init seed when there are neither backbone weights nor a name
+    # CLIP (open_clip:<arch>) artifacts only: {"tokenizer": <open_clip arch>} when the artifact also carries the
+    # text tower (tensors "text.*"), so that a service can embed text queries with no network at all
+    text_tower: Optional[dict] = None
 
     def __post_init__(self):
         if self.resize_size is None:
             self.resize_size = self.image_size
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if data["text_tower"] is None:  # every spec without a text tower reads exactly as before the field existed
+            del data["text_tower"]
+        return data
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "spec") -> "ModelSpec":
@@ -63,7 +69,7 @@ class ModelSpec:
                 raise ArtsimError(f"{where}.{name}: expected {what}, got {data[name]!r}")
 
         is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
-        need("backbone", lambda v: isinstance(v, str) and v, "a torchvision model name")
+        need("backbone", lambda v: isinstance(v, str) and v, "a model name")
         need("backbone_weights", lambda v: v is None or isinstance(v, str), "a string or null")
         for name in ("image_size", "feature_dim", "output_dim"):
             need(name, lambda v: is_int(v) and 1 <= v <= 1_000_000, "a positive integer")
@@ -75,6 +81,15 @@ class ModelSpec:
         need("std", lambda v: all(x > 0 for x in v), "positive numbers")
         need("head", lambda v: v is None or isinstance(v, dict), "a mapping or null")
         need("includes_backbone_weights", lambda v: isinstance(v, bool), "true or false")
+        need("text_tower", lambda v: v is None or (isinstance(v, dict) and set(v) == {"tokenizer"}
+                                                   and isinstance(v["tokenizer"], str) and v["tokenizer"] != ""),
+             'null or {"tokenizer": <open_clip model name>}')
+        if data.get("text_tower") is not None:
+            if not str(data.get("backbone")).startswith("open_clip:") or data.get("head") is not None:
+                raise ArtsimError(f"{where}.text_tower: only a CLIP model (open_clip:<arch>) without a head carries "
+                                  f"a text tower")
+            if data["text_tower"]["tokenizer"] != str(data["backbone"]).split(":", 1)[1]:
+                raise ArtsimError(f"{where}.text_tower.tokenizer: must be the model's own ({data['backbone']})")
         spec = cls(**data)
         spec.mean = [float(x) for x in spec.mean]
         spec.std = [float(x) for x in spec.std]

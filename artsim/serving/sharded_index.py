@@ -186,6 +186,14 @@ class ShardedIndex:
         scores, ids = self.search_arrays(vectors, k, where, farthest=True)
         return self._hits(scores, ids)
 
+    def search_text(self, texts, k: int = 10, where: Optional[dict] = None,
+                    farthest: bool = False) -> list[list[dict]]:
+        """Works nearest a text (or each of several texts), for an index built with a CLIP model
+        (``open_clip:<arch>``): the text is embedded by the same model's text tower, L2-normalised like the image
+        vectors. Any other model: ArtsimError saying so."""
+        vectors = self.embed_texts([texts] if isinstance(texts, str) else list(texts))
+        return (self.farthest if farthest else self.search)(vectors, k, where)
+
     def search_ids(self, object_ids: Sequence[str], k: int = 10, where: Optional[dict] = None) -> list[list[dict]]:
         """Neighbours of indexed works; a work is never its own hit."""
         object_ids = _as_list(object_ids)
@@ -336,8 +344,13 @@ class ShardedIndex:
         """Whether text queries can work: a CLIP-style model (one whose embedder offers ``embed_texts``)."""
         if self._embedder is not None:
             return callable(getattr(self._embedder, "embed_texts", None))
-        backbone = str((self.manifest.get("model") or {}).get("backbone") or "")
-        return backbone.startswith(TEXT_MODEL_PREFIXES)
+        model = self.manifest.get("model") or {}
+        spec = model.get("spec") if isinstance(model.get("spec"), dict) else {}
+        # a trained head or a fine-tuned image tower leaves the space the text tower was trained to meet; an
+        # artifact that carries both towers (save_clip_artifact) keeps them together
+        retrained = spec.get("head") is not None or (bool(spec.get("includes_backbone_weights"))
+                                                     and spec.get("text_tower") is None)
+        return str(model.get("backbone") or "").startswith(TEXT_MODEL_PREFIXES) and not retrained
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Embed texts into the image space; only models that embed text (CLIP: ``open_clip:<arch>``) can.
@@ -345,7 +358,10 @@ class ShardedIndex:
         The plug-in point is the embedder's ``embed_texts(list[str]) -> (n, dim) array``: any embedder that
         ``embedder_for_manifest`` builds (or that :meth:`attach_embedder` sets) and that offers it serves text."""
         if not self.supports_text():
-            backbone = (self.manifest.get("model") or {}).get("backbone") or "no recorded model"
+            model = self.manifest.get("model") or {}
+            backbone = model.get("backbone") or "no recorded model"
+            if str(backbone).startswith(TEXT_MODEL_PREFIXES):
+                backbone += " with a trained head or fine-tuned image tower (its text tower no longer matches)"
             raise ArtsimError(f"text queries need a CLIP model (embed.model: open_clip:<arch>); index "
                               f"{self.name!r} was built with {backbone}: query by id, vector or image")
         embedder = self._get_embedder()

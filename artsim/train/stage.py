@@ -235,8 +235,9 @@ def run_train(ctx, **_options) -> dict:
 
     backbone_state, head_state = split_state(best_state)  # the best epoch is exported, not the last
     finetuned = cfg.mode == "finetune"
+    # text_tower=None: a trained head leaves the space a CLIP text tower embeds into (text queries are refused)
     export_spec = dataclasses.replace(spec, head=head, output_dim=int(head["out_dim"]),
-                                      includes_backbone_weights=finetuned)
+                                      includes_backbone_weights=finetuned, text_tower=None)
     export_uri = ctx.paths.model_export(cfg.name)
     weights_id = save_artifact(ctx.storage, export_uri, export_spec,
                                backbone_state=backbone_state if finetuned else None, head_state=head_state)
