@@ -143,9 +143,28 @@ def test_hostbook_lease_never_expires_while_holder_lives_and_dead_holders_give_s
     # A holder stalled for an hour (a loaded machine) still owns its slot: no second connection is granted.
     assert book.try_acquire("h", now=3600.0, holder="other")[:3:2] == (None, "connections")
     assert book.held_by("starved") == 1
-    assert book.drop_holder("starved") == ["h"]  # known dead (the Ray front end watches its actor)
+    assert book.drop_holder("starved") == (["h"], [])  # known dead (the Ray front end watches its process)
     assert book.try_acquire("h", now=3600.1, holder="other")[0] is not None
     assert book.snapshot()["h"]["reclaimed"] == 1
+
+
+def test_hostbook_never_grants_a_slot_to_a_dead_holders_waiting_ticket():
+    """A dead worker's threads were queued when it died: their tickets leave the queue with it, and a call of
+    its that arrives late is refused. Granted, such a slot would never be returned (nobody holds it and its
+    holder is already written off): three of them hung the node-loss download on a cap of 3."""
+    from artsim.download.politeness import Ticket
+
+    book = HostBook(connections=1, requests_per_second=1000, breaker_failures=3, breaker_cooldown_s=30)
+    lease = book.try_acquire("h", now=0.0, holder="dead")[0]
+    queued = [Ticket("dead", give_up=100.0), Ticket("dead", give_up=100.0), Ticket("live", give_up=100.0)]
+    for t in queued:
+        assert book.submit("h", t)
+    hosts, dropped = book.drop_holder("dead")
+    assert hosts == ["h"] and dropped == queued[:2]
+    done, _ = book.settle("h", now=1.0)
+    assert [(t.holder, lease is not None) for t, lease, _ in done] == [("live", True)]
+    assert not book.submit("h", Ticket("dead", give_up=100.0))  # its call that was still on the way
+    assert book.hosts["h"].active == 1 and lease not in book.hosts["h"].leases
 
 
 def test_hostbook_queue_is_fifo_one_grant_at_a_time():

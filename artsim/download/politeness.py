@@ -77,6 +77,7 @@ class HostBook:
         self.breaker_failures = breaker_failures
         self.breaker_cooldown_s = breaker_cooldown_s
         self.hosts: dict[str, HostState] = {}
+        self.dead_holders: set = set()
         self._next_lease = 1
 
     def _state(self, host: str) -> HostState:
@@ -117,8 +118,12 @@ class HostBook:
         state.next_slot = max(state.next_slot, now) + max(self.interval, state.min_interval)
         return lease, 0.0, None
 
-    def submit(self, host: str, ticket: Ticket) -> None:
+    def submit(self, host: str, ticket: Ticket) -> bool:
+        """Queue a ticket; False (not queued) when its holder is known dead (a call that was still on its way)."""
+        if ticket.holder is not None and ticket.holder in self.dead_holders:
+            return False
         self._state(host).queue.append(ticket)
+        return True
 
     def settle(self, host: str, now: float) -> tuple[list[tuple[Ticket, Optional[int], Optional[str]]],
                                                      Optional[float]]:
@@ -203,18 +208,26 @@ class HostBook:
         elif outcome != "abandoned":
             state.consecutive_failures = 0
 
-    def drop_holder(self, holder: Any) -> list[str]:
-        """Take back every lease of a holder that is known to be dead; returns the hosts that got slots back."""
-        hosts = []
+    def drop_holder(self, holder: Any) -> tuple[list[str], list[Ticket]]:
+        """Take back every lease of a holder that is known to be dead, and take its waiting tickets out of the
+        queues (a grant to a dead waiter would be a slot that nobody ever returns). Returns the hosts that got slots
+        back and the removed tickets (the front end tells their waiters). Later tickets of that holder are refused
+        (``submit``)."""
+        self.dead_holders.add(holder)
+        hosts, dropped = [], []
         for host, state in self.hosts.items():
             mine = [lease for lease, h in state.leases.items() if h == holder]
             for lease in mine:
                 del state.leases[lease]
                 state.active -= 1
                 state.reclaimed += 1
-            if mine:
+            waiting = [t for t in state.queue if t.holder == holder]
+            if waiting:
+                state.queue = deque(t for t in state.queue if t.holder != holder)
+                dropped.extend(waiting)
+            if mine or waiting:
                 hosts.append(host)
-        return hosts
+        return hosts, dropped
 
     def blocked_s(self, host: str, now: float) -> float:
         """Seconds until the host may be asked again (a Retry-After pause or an open circuit breaker), 0 if none."""

@@ -83,16 +83,26 @@ class HostLimiterActorImpl:
             await asyncio.sleep(self.liveness_interval_s)
 
     def holder_died(self, holder: str) -> None:
+        import logging
+
         self.dead_holders.append(holder)
-        for host in self.book.drop_holder(holder):
+        held = self.book.held_by(holder)
+        hosts, dropped = self.book.drop_holder(holder)
+        for ticket in dropped:  # nobody is waiting on these any more
+            if not ticket.waiter.done():
+                ticket.waiter.set_result((None, "holder_gone"))
+        for host in hosts:
             self._settle(host)
+        logging.getLogger("artsim.download").warning(
+            "host limiter: shard worker %s is gone; took back its %d connection slot(s)", holder[:8], held)
 
     async def acquire(self, host: str, wait_limit_s: float, releases: tuple = (),
                       holder: Optional[str] = None) -> tuple[Optional[int], Optional[str]]:
         """Grant a lease for ``host``; ``releases`` (the caller's deferred releases) are applied first."""
         self._apply(releases)
         future = asyncio.get_running_loop().create_future()
-        self.book.submit(host, Ticket(holder, time.monotonic() + wait_limit_s, future))
+        if not self.book.submit(host, Ticket(holder, time.monotonic() + wait_limit_s, future)):
+            return None, "holder_gone"
         self._settle(host)
         return await future
 
@@ -101,7 +111,8 @@ class HostLimiterActorImpl:
         """A kept-alive connection (holding ``lease``) asks to start its next request: rate cap and pauses only."""
         self._apply(releases)
         future = asyncio.get_running_loop().create_future()
-        self.book.submit(host, Ticket(holder, time.monotonic() + wait_limit_s, future, lease))
+        if not self.book.submit(host, Ticket(holder, time.monotonic() + wait_limit_s, future, lease)):
+            return None, "holder_gone"
         self._settle(host)
         return await future
 
