@@ -9,7 +9,7 @@ ends use it:
 
 A grant is a *lease* owned by a *holder* (one per worker process). A lease has no expiry: it is returned by its
 holder (after the connection's socket is closed), or taken back when the holder is known to be dead (the Ray front
-end watches each holder actor). A fixed expiry would hand a slot to a second request while a starved but living
+end watches each holder's process). A fixed expiry would hand a slot to a second request while a starved but living
 holder still had its connection open: exactly the over-cap that a loaded machine produces.
 
 Waiters queue per host in arrival order (FIFO) and are granted one at a time: a release or a rate slot coming due
