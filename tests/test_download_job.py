@@ -374,3 +374,27 @@ def test_lease_returns_when_the_holder_process_dies_and_ray_restarts_the_actor(r
         ray.kill(holder_actor)
         for actor in limiters:
             ray.kill(actor)
+
+
+def test_holder_verdict_follows_the_actor_table_through_a_restart():
+    """The actor table as Ray showed it around a restart (measured: kill -> RESTARTING with the count already
+    raised, the new pid while its constructor runs -> ALIVE). The old process is gone from the first RESTARTING
+    entry on; the new process, which registers during its constructor, is not mistaken for a dead one."""
+    from artsim.download.ray_job import holder_verdict
+
+    table = [{"State": "ALIVE", "NumRestarts": 0, "Pid": 100},
+             {"State": "RESTARTING", "NumRestarts": 1, "Pid": 100},
+             {"State": "RESTARTING", "NumRestarts": 1, "Pid": 200},
+             {"State": "ALIVE", "NumRestarts": 1, "Pid": 200}]
+    verdicts, base = [], None
+    for entry in table:
+        verdict, base = holder_verdict(entry, 100, base)
+        verdicts.append(verdict)
+    assert verdicts == ["alive", "gone", "gone", "gone"]
+    verdicts, base = [], None
+    for entry in table[2:]:  # the restarted process registers during its constructor
+        verdict, base = holder_verdict(entry, 200, base)
+        verdicts.append(verdict)
+    assert verdicts == ["unknown", "alive"]
+    assert holder_verdict({"State": "DEAD", "NumRestarts": 1, "Pid": 200}, 200, 1)[0] == "gone"
+    assert holder_verdict(None, 200, 1) == ("unknown", 1)  # the table could not be read: not known dead

@@ -85,7 +85,6 @@ def test_missing_key_names_the_variable(tmp_path, monkeypatch):
         run_ingest(RunContext(_config(tmp_path, "http://127.0.0.1:9/api")))
 
 
-@pytest.mark.xfail(reason="stop 9: racy under load — partitions are harvested in parallel tasks, so when one partition's page fails the other may already have advanced its cursor; the assertion expects one order (seen failing in the loaded full suite, passing alone); not fixed", strict=False)
 def test_harvest_pages_retries_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setenv("ARTSIM_TEST_EUROPEANA_KEY", KEY)
     api = FakeSearchApi({"IMAGE": 250, "TEXT": 120})
@@ -107,11 +106,21 @@ def test_harvest_pages_retries_and_resumes(tmp_path, monkeypatch):
                                                                         ["100"])
         assert r["qf"] == ['PROVIDER:"Europeana 280"', "TYPE:IMAGE"]
 
-        # Second run: the IMAGE partition resumes at its saved cursor; TEXT (finished) asks for nothing.
+        # The TEXT partition is harvested by a parallel task: when the IMAGE failure stopped the job it may have
+        # finished, be part-way, or not have started; wherever it was, its saved state says so.
+        text_file = tmp_path / "run" / "_harvest" / "sources.0" / "partition-0001" / "state.json"
+        text_before = json.loads(text_file.read_text()) if text_file.exists() else None
+
+        # Second run: the IMAGE partition resumes at its saved cursor; TEXT resumes at its own (none if finished).
         api.faults = {}
         api.requests.clear()
         summary = run_ingest(RunContext(config))
-        assert [r["cursor"][0] for r in api.requests] == ["c-200-IMAGE"]
+        assert [r["cursor"][0] for r in api.requests if "TYPE:IMAGE" in r["qf"]] == ["c-200-IMAGE"]
+        text_requests = [r["cursor"][0] for r in api.requests if "TYPE:TEXT" in r["qf"]]
+        if text_before is not None and text_before["done"]:
+            assert text_requests == []
+        else:
+            assert text_requests[:1] == [text_before["cursor"] if text_before else "*"], (text_before, text_requests)
     rows = ds.dataset(str(tmp_path / "run" / "records"), format="parquet").to_table().to_pylist()
     assert len(rows) == summary["records"] == 250 + 120
     assert len({r["object_id"] for r in rows}) == len(rows)

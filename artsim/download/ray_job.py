@@ -22,27 +22,37 @@ from artsim.config import Config
 from artsim.download.politeness import HostBook, LimiterUnavailable, Ticket
 
 
-def holder_process_state(actor_id: str, pid: int) -> str:
-    """"alive", "gone" or "unknown" for the process ``pid`` that runs actor ``actor_id``, from Ray's actor table (GCS).
+def actor_table_entry(actor_id: str) -> Optional[dict]:
+    """Ray's actor table entry (GCS) of ``actor_id``: State, Pid, NumRestarts...; None when it cannot be read.
 
-    Why the table and not a call on the actor: shard workers are Ray Data actors, which Ray restarts after a crash or
-    a lost node. A call queues for the restarted actor (and waits forever when no node has room for it), so it
-    never says that the process holding the leases is gone. The table does: the actor is RESTARTING or DEAD, or
-    ALIVE in another process. A busy but living holder stays "alive" however long it is stalled. (The table is
-    read through ``ray._private.state``: Ray's public state API needs the dashboard, which a cluster may not run.)
-    """
+    Read through ``ray._private.state``: Ray's public state API needs the dashboard, which a cluster may not run."""
     try:
         from ray._private import state
 
-        info = state.actors(actor_id=actor_id)
-    except Exception:  # GCS unreachable for a moment, or the API moved: not known dead
-        return "unknown"
-    if not info:
-        return "unknown"
-    status, now_pid = info.get("State"), info.get("Pid")
-    if status in ("DEAD", "RESTARTING") or (status == "ALIVE" and now_pid and now_pid != pid):
-        return "gone"
-    return "alive" if status == "ALIVE" else "unknown"
+        return state.actors(actor_id=actor_id) or None
+    except Exception:  # GCS unreachable for a moment, or the API moved: nothing known
+        return None
+
+
+def holder_verdict(entry: Optional[dict], pid: int, base_restarts: Optional[int]) -> tuple[str, Optional[int]]:
+    """Is the process ``pid`` that holds leases for an actor still there? ("alive" | "gone" | "unknown", the actor's
+    restart count when the holder was first seen, to pass back in next time).
+
+    Why the actor table and not a call on the actor: shard workers are Ray Data actors, which Ray restarts after a
+    crash or a lost node. A call queues for the restarted actor (and waits forever when no node has room for it),
+    so it never says that the process holding the leases is gone. The table does: the actor is DEAD, or has been
+    restarted since the holder was first seen, or is ALIVE in another process. A holder registers while its own
+    constructor runs, which for a restarted actor is while the table still says RESTARTING: that restart (the one
+    that made this process) is the baseline, not a death. A busy but living holder stays "alive" however long it is
+    stalled."""
+    if entry is None:
+        return "unknown", base_restarts
+    status, now_pid, restarts = entry.get("State"), entry.get("Pid"), entry.get("NumRestarts") or 0
+    if base_restarts is None:
+        base_restarts = restarts
+    if status == "DEAD" or restarts > base_restarts or (status == "ALIVE" and now_pid and now_pid != pid):
+        return "gone", base_restarts
+    return ("alive" if status == "ALIVE" else "unknown"), base_restarts
 
 
 class HostLimiterActorImpl:
@@ -50,7 +60,7 @@ class HostLimiterActorImpl:
     no threads, and a release wakes exactly the one waiter it can serve (no thundering herd).
 
     Holders (one per shard-worker process) register with their actor id and process id; a watcher per holder reads
-    Ray's actor table (``holder_process_state``) and takes the holder's leases back once that process is gone (its
+    Ray's actor table (``holder_verdict``) and takes the holder's leases back once that process is gone (its
     node lost, its process killed or crashed, whether or not Ray restarts the actor elsewhere) — then, and only then.
     A starved but living holder keeps its slots however long it is stalled.
     """
@@ -75,8 +85,10 @@ class HostLimiterActorImpl:
 
     async def _watch(self, holder: str, actor_id: str, pid: int) -> None:
         loop = asyncio.get_running_loop()
+        base_restarts = None
         while True:
-            state = await loop.run_in_executor(None, holder_process_state, actor_id, pid)
+            entry = await loop.run_in_executor(None, actor_table_entry, actor_id)
+            state, base_restarts = holder_verdict(entry, pid, base_restarts)
             if state == "gone":
                 self.holder_died(holder)
                 return
