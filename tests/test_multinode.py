@@ -48,14 +48,7 @@ REMOVE_AFTER_SHARDS = 3
 LIMITER_RECORDS = 48  # scenario 4
 EMBED_SIZE = 64  # px: resnet18 at 64 px keeps the model part to seconds
 
-# Known regression, not fixed (stop 9): the node-loss scenario hangs after its raylet is removed (Ray Data:
-# "Cluster resources are not enough to run any task from ActorPoolMapOperator[Map(ShardWorker)]"), reproduced on
-# this commit in isolation. It appeared with this session's download changes (holder-owned leases without expiry,
-# kept-alive connections holding their lease) and is not yet bisected. xfail keeps it visible in every run instead
-# of hiding it; the download promises it covers (exactly once and the cap across raylets after a node loss) are NOT
-# shown by this suite until it is fixed.
-pytestmark = [pytest.mark.slow, pytest.mark.xfail(reason="node-loss download hangs since stop 9; see the comment "
-                                                         "above pytestmark", strict=False)]
+pytestmark = [pytest.mark.slow]
 
 
 # -- which process made a request: httpd.requester_pid (socket -> inode -> pid, Linux /proc) ------------------
