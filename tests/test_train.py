@@ -441,3 +441,18 @@ def test_finetune_reads_only_the_ok_images_the_triplets_name(tmp_path):
     needed = {"c:1", "c:3", "c:599", "c:500", "x:9"}  # c:3 failed to download, x:9 does not exist
     assert _read_images(storage, str(tmp_path / "images"), needed) == {"c:1": b"img1", "c:599": b"img599",
                                                                       "c:500": b"img500"}
+
+
+def test_resuming_a_run_trained_with_other_settings_fails_before_any_worker_starts(head_run):
+    """Same train.name, another head: a one-line config error from the driver, not a worker failure that Ray Train
+    restarts max_failures times (a second `make demo` after an upgrade met exactly that)."""
+    from artsim.errors import ConfigError
+    from artsim.train.stage import run_train
+
+    tree = json.loads(json.dumps(head_run["tree"]))
+    tree["train"]["head_dim"] = 16
+    model_uri = head_run["ctx"].paths.model("similarity")
+    before = sorted(head_run["ctx"].storage.list(model_uri))
+    with pytest.raises(ConfigError, match=r"^train\.name: the checkpoints of run 'similarity' .* other settings"):
+        run_train(RunContext(config_from_dict(tree)))
+    assert sorted(head_run["ctx"].storage.list(model_uri)) == before  # nothing started, nothing written

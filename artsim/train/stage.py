@@ -33,6 +33,24 @@ def _fingerprint(cfg: TrainConfig, head: dict, spec_dict: dict) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+def check_resumable(storage, model_uri: str, fingerprint: str, name: str) -> None:
+    """Ray Train resumes a run from the newest ``checkpoint_*`` under models/<name>/. One made with other settings
+    (mode, head, backbone) cannot be resumed: say so here, before any worker starts. (The workers check it too, but
+    there it is a worker failure that Ray Train restarts train.max_failures times before giving up.)"""
+    from artsim.train.ray_train import CHECKPOINT_STATE
+
+    for entry in reversed([n for n in storage.list(model_uri) if n.startswith("checkpoint_")]):
+        state_uri = join(model_uri, entry, CHECKPOINT_STATE)
+        if not storage.exists(state_uri):
+            continue  # a checkpoint being written when a run was killed: Ray Train does not resume from it either
+        found = json.loads(storage.read_text(state_uri)).get("fingerprint")
+        if found != fingerprint:
+            raise ConfigError("train.name", f"the checkpoints of run {name!r} in {model_uri} were trained with other "
+                              f"settings (mode, head or backbone: {found} vs {fingerprint}); choose another "
+                              f"train.name or delete {model_uri}")
+        return
+
+
 def _read_triplets(ctx) -> dict:
     uri = ctx.paths.triplets
     tab = ctx.storage.read_table(uri, columns=["anchor_id", "positive_id", "negative_id", "reason"])
@@ -218,6 +236,7 @@ def run_train(ctx, **_options) -> dict:
         "embed": dataclasses.asdict(ctx.config.embed), "storage": dataclasses.asdict(ctx.config.storage),
         "payload": ray.put(payload),
     }
+    check_resumable(ctx.storage, model_uri, loop_config["fingerprint"], cfg.name)
     say(f"train: {cfg.num_workers} workers ({'GPU, nccl' if cfg.use_gpu else 'CPU, gloo'}), {cfg.epochs} epochs, "
         f"checkpoints in {model_uri}")
     result = ray_train.fit(loop_config, cfg.num_workers, cfg.use_gpu, cfg.cpus_per_worker, cfg.name, models_uri,
