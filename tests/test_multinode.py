@@ -213,7 +213,7 @@ def test_download_across_raylets_exactly_once_and_capped_at_the_server(multinode
     assert report["complete"] and ctx.storage.is_complete(ctx.paths.images)
     assert report["by_status"] == dict(Counter(spread["want"].values()))
     # Politeness is job-wide: every node's shard workers share one limiter, measured at the server.
-    # Counted as live client connections (client sockets not yet closed, from the kernel's TCP table), not as
+    # Counted as live client connections (sockets whose client has not closed its end, httpd), not as
     # server handlers: a handler still busy for a client that gave up is not a connection of the job.
     assert srv.max_live_connections <= CAP, (srv.max_live_connections, srv.max_concurrent,
                                              report.get("by_status"), {p: n for p, n in srv.hits.items() if n > 1})
