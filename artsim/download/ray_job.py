@@ -105,8 +105,10 @@ class HostLimiterActorImpl:
                 ticket.waiter.set_result((None, "holder_gone"))
         for host in hosts:
             self._settle(host)
-        logging.getLogger("artsim.download").warning(
-            "host limiter: shard worker %s is gone; took back its %d connection slot(s)", holder[:8], held)
+        if held or dropped:  # workers that end with the job hold nothing: no line for them
+            logging.getLogger("artsim.download").warning(
+                "host limiter: shard worker %s is gone; took back its %d connection slot(s) and dropped its %d "
+                "waiting request(s)", holder[:8], held, len(dropped))
 
     async def acquire(self, host: str, wait_limit_s: float, releases: tuple = (),
                       holder: Optional[str] = None) -> tuple[Optional[int], Optional[str]]:
