@@ -13,6 +13,7 @@ from typing import Any, Optional
 import torch.nn as nn
 
 from artsim.errors import ArtsimError, ConfigError, IntegrityError
+from artsim.models.state import load_backbone_state
 from artsim.models import efficientnet_lite as _lite
 from artsim.models import hub_models as _hub
 from artsim.models.spec import (DEFAULT_IMAGE_SIZE, DOWNLOAD_TIMEOUT_S, HEAD_ATTRIBUTES, IMAGENET_MEAN, IMAGENET_STD,
@@ -179,10 +180,7 @@ def build_backbone(spec: ModelSpec, backbone_state: Optional[dict] = None):
             model.load_state_dict(fetch_torchvision_state(entry.url), strict=True)
         feature_dim = strip_classifier(model)
     if backbone_state is not None:
-        try:
-            model.load_state_dict(backbone_state, strict=True)
-        except RuntimeError as exc:
-            raise ArtsimError(f"artifact backbone weights do not fit {spec.backbone}: {str(exc)[:500]}") from None
+        load_backbone_state(model, backbone_state, spec.backbone)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

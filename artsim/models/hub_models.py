@@ -29,6 +29,7 @@ from typing import Callable, Optional
 import torch.nn as nn
 
 from artsim.errors import ArtsimError, ConfigError
+from artsim.models.state import load_backbone_state
 from artsim.models.spec import DOWNLOAD_TIMEOUT_S
 
 OPEN_CLIP = "open_clip:"
@@ -342,9 +343,6 @@ def build_backbone(model: str, weights: Optional[str], seed: int, image_size: in
                 raise ArtsimError(f"embed.weights: cannot load {path} into timm:{arch}: {str(exc)[:300]}") from None
             dim = int(network.num_features)
     if backbone_state is not None:
-        try:
-            network.load_state_dict(backbone_state, strict=True)
-        except RuntimeError as exc:
-            raise ArtsimError(f"artifact backbone weights do not fit {model}: {str(exc)[:500]}") from None
+        load_backbone_state(network, backbone_state, model)
     network.eval()
     return network, dim, text
