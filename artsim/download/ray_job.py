@@ -73,7 +73,6 @@ class HostLimiterActorImpl:
         self.liveness_interval_s = liveness_interval_s
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._watchers: dict[str, asyncio.Task] = {}
-        self.dead_holders: list[str] = []
         self._news_version = 0
         self._news = asyncio.Event()
         self._last_blocked: dict[str, float] = {}
@@ -97,7 +96,6 @@ class HostLimiterActorImpl:
     def holder_died(self, holder: str) -> None:
         import logging
 
-        self.dead_holders.append(holder)
         held = self.book.held_by(holder)
         hosts, dropped = self.book.drop_holder(holder)
         for ticket in dropped:  # nobody is waiting on these any more
