@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/bench_serve.py --n 1000000 --dim 256      # the issue's size (needs ~3 GiB)
     .venv/bin/python benchmarks/bench_serve.py --n 200000 --dim 256       # what a 2-core dev box runs in minutes
+    .venv/bin/python benchmarks/bench_serve.py --index-kind ivf           # the IVF path (what N > 1M gets)
+    .venv/bin/python benchmarks/bench_serve.py --index URI --where collection=c1   # any existing index
 
 Steps:
 1. build: N clustered unit vectors with synthetic facets (artsim.testing.index_data), indexed by `run_index` on a local
@@ -10,7 +12,11 @@ Steps:
    id (`search_ids`), vector (`search`) and conditional (`search_ids` with ``culture=China``, 1/8 of the works);
 3. HTTP: `artsim serve` in its own process, the same queries from 1 / 4 / 16 client *processes* (persistent
    HTTP/1.1 connections; processes, so the load generator's GIL does not throttle the server);
-4. scaling: the server with --threads 1 and --threads 2 under 4 clients (this machine has os.cpu_count() cores).
+4. scaling: does the server use more cores for more concurrent requests (no global lock around search)? One query
+   must then use one core, so this step builds (or reuses) the same vectors as ONE shard and starts the server with
+   OMP_NUM_THREADS=1 (a FAISS search then runs on the calling thread; otherwise one exact search already uses every
+   core, and the 2 shards of the main index are searched in parallel threads): server --threads 1, 2, ... up to the
+   core count under 4 clients, id queries; queries/s should grow with the threads up to the cores.
 
 Printed side by side: queries/s, p50 and p99 latency per kind and concurrency, and the HTTP overhead at p50
 (HTTP p50 - in-process p50, 1 client). Clients and server share the machine's cores, so at high concurrency the
@@ -26,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
@@ -35,8 +42,12 @@ sys.path.insert(0, REPO)
 KINDS = ("id", "vector", "conditional")
 
 
-def build(out: str, n: int, dim: int) -> str:
-    index_uri = os.path.join(out, f"run-{n}x{dim}", "index", "bench")
+def build(out: str, n: int, dim: int, kind: str = "exact", shards: int = 2) -> str:
+    """The benchmark index (reused when present). ``kind`` exact: the default choice for N <= 1M (Flat); ivf: the
+    path N > 1M gets (IVF + quantiser, nprobe tuned at build)."""
+    root = os.path.join(out, f"run-{n}x{dim}" + ("" if kind == "exact" else f"-{kind}") +
+                        ("" if shards == 2 else f"-{shards}shard"))
+    index_uri = os.path.join(root, "index", "bench")
     if os.path.exists(os.path.join(index_uri, "manifest.json")):
         print(f"build: reusing {index_uri}", flush=True)
         return index_uri
@@ -48,8 +59,10 @@ def build(out: str, n: int, dim: int) -> str:
     from artsim.runtime import RunContext
 
     t = time.perf_counter()
-    ctx = RunContext(config_from_dict({"run": {"root": os.path.join(out, f"run-{n}x{dim}")},
-                                       "index": {"embeddings": "bench", "name": "bench", "num_shards": 2}}))
+    index_cfg = {"embeddings": "bench", "name": "bench", "num_shards": shards}
+    if kind == "ivf":
+        index_cfg["exact_max_vectors"] = 1
+    ctx = RunContext(config_from_dict({"run": {"root": root}, "index": index_cfg}))
     write_run(ctx.storage, ctx.paths, object_ids_for(n), clustered_vectors(n, dim, n_clusters=max(100, n // 1000)),
               model_key="bench")
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
@@ -77,10 +90,17 @@ def _stats(latencies: list[float], wall: float) -> dict:
             "p99_ms": round(float(np.percentile(lat, 99)), 3)}
 
 
-def in_process(index_uri: str, qs: dict, clients: int, per_client: int, k: int) -> dict:
+def parse_where(text: str) -> dict:
+    from artsim.serving.filters import parse_where as parse
+
+    return parse([text])
+
+
+def in_process(index_uri: str, qs: dict, clients: int, per_client: int, k: int, where: str = "culture=China") -> dict:
     from artsim.serving import ShardedIndex
 
     index = ShardedIndex.open(index_uri)
+    where_filter = parse_where(where)
     out = {}
     for kind in KINDS:
         def one(i):
@@ -89,7 +109,7 @@ def in_process(index_uri: str, qs: dict, clients: int, per_client: int, k: int) 
             elif kind == "vector":
                 index.search(np.asarray(qs["vectors"][i], np.float32), k)
             else:
-                index.search_ids([qs["ids"][i]], k, where={"culture": "China"})
+                index.search_ids([qs["ids"][i]], k, where=where_filter)
 
         one(0)  # warm: filter subsets, caches
         latencies, lock = [], threading.Lock()
@@ -115,7 +135,7 @@ def in_process(index_uri: str, qs: dict, clients: int, per_client: int, k: int) 
 
 
 def _http_client(args) -> tuple[list[float], float, float]:
-    port, kind, qs, start, count, k, barrier_time = args
+    port, kind, qs, start, count, k, barrier_time, where, name = args
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     while time.time() < barrier_time:  # all clients start together
         time.sleep(0.001)
@@ -125,11 +145,11 @@ def _http_client(args) -> tuple[list[float], float, float]:
         i = (start + j) % len(qs["ids"])
         t = time.perf_counter()
         if kind == "vector":
-            conn.request("POST", f"/v1/bench/neighbors?k={k}", body=json.dumps({"vector": qs["vectors"][i]}),
+            conn.request("POST", f"/v1/{name}/neighbors?k={k}", body=json.dumps({"vector": qs["vectors"][i]}),
                          headers={"Content-Type": "application/json"})
         else:
-            where = "&where=culture%3DChina" if kind == "conditional" else ""
-            conn.request("GET", f"/v1/bench/neighbors?id={qs['ids'][i]}&k={k}{where}")
+            query = f"&where={urllib.parse.quote(where)}" if kind == "conditional" else ""
+            conn.request("GET", f"/v1/{name}/neighbors?id={urllib.parse.quote(qs['ids'][i])}&k={k}{query}")
         resp = conn.getresponse()
         body = resp.read()
         if resp.status != 200:
@@ -139,7 +159,7 @@ def _http_client(args) -> tuple[list[float], float, float]:
     return latencies, began, time.time()
 
 
-def start_server(index_uri: str, threads: int) -> tuple[subprocess.Popen, int]:
+def start_server(index_uri: str, threads: int, env: dict | None = None) -> tuple[subprocess.Popen, int]:
     import socket
 
     with socket.socket() as s:
@@ -147,7 +167,7 @@ def start_server(index_uri: str, threads: int) -> tuple[subprocess.Popen, int]:
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "artsim.cli", "serve", "--index", index_uri, "--port", str(port),
                              "--poll-seconds", "0", "--threads", str(threads), "--log-level", "warning"],
-                            cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
+                            cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO, **(env or {})))
     deadline = time.monotonic() + 600
     while True:
         try:
@@ -162,20 +182,21 @@ def start_server(index_uri: str, threads: int) -> tuple[subprocess.Popen, int]:
         time.sleep(0.2)
 
 
-def http_run(port: int, qs: dict, clients: int, per_client: int, k: int, kinds=KINDS) -> dict:
+def http_run(port: int, qs: dict, clients: int, per_client: int, k: int, kinds=KINDS, where: str = "culture=China",
+             name: str = "bench") -> dict:
     out = {}
     with ProcessPoolExecutor(max_workers=clients) as pool:
         for kind in kinds:
-            _http_client((port, kind, qs, 0, 2, k, 0))  # warm
+            _http_client((port, kind, qs, 0, 2, k, 0, where, name))  # warm
             start_at = time.time() + 1.0  # every client process is up and connected by then
-            parts = list(pool.map(_http_client, [(port, kind, qs, c * per_client, per_client, k, start_at)
-                                                 for c in range(clients)]))
+            parts = list(pool.map(_http_client, [(port, kind, qs, c * per_client, per_client, k, start_at, where,
+                                                  name) for c in range(clients)]))
             span = max(p[2] for p in parts) - min(p[1] for p in parts)  # first request to last answer
             out[kind] = _stats([x for p in parts for x in p[0]], span)
     return out
 
 
-def server_memory(index_uri: str, qs: dict, k: int) -> dict:
+def server_memory(index_uri: str, qs: dict, k: int, name: str = "bench") -> dict:
     """PSS / RSS of a serving process after 500 id queries; per million vectors (shards are mmapped: their pages
     count in RSS once touched, and in PSS split between the processes that map them)."""
     from artsim.serving import ShardedIndex
@@ -186,7 +207,7 @@ def server_memory(index_uri: str, qs: dict, k: int) -> dict:
     index.close()
     proc, port = start_server(index_uri, 8)
     try:
-        _http_client((port, "id", qs, 0, 500, k, 0))
+        _http_client((port, "id", qs, 0, 500, k, 0, "", name))
         fields = {}
         with open(f"/proc/{proc.pid}/smaps_rollup") as f:
             for line in f:
@@ -210,47 +231,65 @@ def main() -> None:
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "out", "serve"))
     p.add_argument("--memory-only", action="store_true", help="only measure the serving process's memory")
+    p.add_argument("--index-kind", choices=["exact", "ivf"], default="exact",
+                   help="exact: Flat (artsim's choice up to 1M vectors); ivf: the IVF path N > 1M gets")
+    p.add_argument("--index", default=None, help="serve this existing index instead of building one (no scaling step)")
+    p.add_argument("--where", default="culture=China", help="the conditional queries' filter")
+    p.add_argument("--skip-scaling", action="store_true")
     args = p.parse_args()
     clients_list = [int(c) for c in args.clients.split(",")]
     os.makedirs(args.out, exist_ok=True)
-    index_uri = build(args.out, args.n, args.dim)
+    index_uri = args.index or build(args.out, args.n, args.dim, args.index_kind)
+    name = index_uri.rstrip("/").rsplit("/", 1)[-1]
     qs = queries(index_uri, 2000)
     if args.memory_only:
-        print(json.dumps(server_memory(index_uri, qs, args.k)))
+        print(json.dumps(server_memory(index_uri, qs, args.k, name)))
         return
-    report = {"n": args.n, "dim": args.dim, "cpus": os.cpu_count(), "k": args.k, "in_process": {}, "http": {},
-              "scaling": {}}
+    from artsim.serving import ShardedIndex
+
+    index = ShardedIndex.open(index_uri)
+    n, dim, factory = index.ntotal, index.dim, index.manifest["factory"]
+    index.close()
+    report = {"n": n, "dim": dim, "index": index_uri, "factory": factory, "where": args.where,
+              "cpus": os.cpu_count(), "k": args.k, "in_process": {}, "http": {}, "scaling": {}}
     for c in clients_list:
-        report["in_process"][c] = in_process(index_uri, qs, c, args.per_client, args.k)
+        report["in_process"][c] = in_process(index_uri, qs, c, args.per_client, args.k, args.where)
         print(f"in-process, {c} callers: {report['in_process'][c]}", flush=True)
     default_threads = max(8, 4 * (os.cpu_count() or 1))
     proc, port = start_server(index_uri, default_threads)
     try:
         for c in clients_list:
-            report["http"][c] = http_run(port, qs, c, args.per_client, args.k)
+            report["http"][c] = http_run(port, qs, c, args.per_client, args.k, where=args.where, name=name)
             print(f"http, {c} clients: {report['http'][c]}", flush=True)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-    for threads in (1, 2):
-        proc, port = start_server(index_uri, threads)
-        try:
-            report["scaling"][threads] = http_run(port, qs, 4, args.per_client, args.k, kinds=("id",))["id"]
-            print(f"http, server --threads {threads}, 4 clients: {report['scaling'][threads]}", flush=True)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=60)
-    report["memory"] = server_memory(index_uri, qs, args.k)
+    if not (args.index or args.skip_scaling):
+        one_shard = build(args.out, args.n, args.dim, args.index_kind, shards=1)
+        report["scaling_index"] = one_shard
+        for threads in range(1, (os.cpu_count() or 1) + 1):
+            proc, port = start_server(one_shard, threads, env={"OMP_NUM_THREADS": "1"})
+            try:
+                report["scaling"][threads] = http_run(port, qs, 4, args.per_client, args.k, kinds=("id",))["id"]
+                print(f"http, one shard, OMP_NUM_THREADS=1, server --threads {threads}, 4 clients: "
+                      f"{report['scaling'][threads]}", flush=True)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=60)
+    report["memory"] = server_memory(index_uri, qs, args.k, name)
     print(f"memory: {report['memory']}", flush=True)
-    with open(os.path.join(args.out, f"results-{args.n}x{args.dim}.json"), "w") as f:
+    out_file = os.path.join(args.out, f"results-{n}x{dim}-{factory.replace(',', '_')}.json")
+    with open(out_file, "w") as f:
         json.dump(report, f, indent=2)
     print_report(report)
+    print(f"results: {out_file}")
 
 
 def print_report(r: dict) -> None:
     from artsim.console import table
 
-    print(f"\n{r['n']} x {r['dim']} vectors, k={r['k']}, {r['cpus']} CPUs (clients and server share them)")
+    print(f"\n{r['n']} x {r['dim']} vectors, {r.get('factory')}, k={r['k']}, conditional: {r.get('where')}, "
+          f"{r['cpus']} CPUs (clients and server share them)")
     rows = []
     for c in r["http"]:
         for kind in KINDS:
@@ -259,10 +298,10 @@ def print_report(r: dict) -> None:
                          round(b["p50_ms"] - a["p50_ms"], 3), a["p99_ms"], b["p99_ms"]])
     table(["query", "clients", "in-process q/s", "HTTP q/s", "HTTP/in-process", "in-process p50 ms",
            "HTTP p50 ms", "HTTP adds (p50 ms)", "in-process p99 ms", "HTTP p99 ms"], rows)
-    s1, s2 = r["scaling"].get(1), r["scaling"].get(2)
-    if s1 and s2:
-        print(f"server threads 1 -> 2 (id queries, 4 clients): {s1['qps']} -> {s2['qps']} q/s "
-              f"({s2['qps'] / s1['qps']:.2f}x)")
+    if r["scaling"]:
+        base = r["scaling"][min(r["scaling"])]["qps"]
+        print("scaling (one shard, OMP_NUM_THREADS=1, id queries, 4 clients): " + ", ".join(
+            f"--threads {t}: {s['qps']} q/s ({s['qps'] / base:.2f}x)" for t, s in r["scaling"].items()))
 
 
 if __name__ == "__main__":

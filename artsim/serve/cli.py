@@ -70,8 +70,10 @@ def _serve(args) -> int:
              f"every {args.poll_seconds:g} s" if args.poll_seconds else "off")
 
     try:
+        # httptools + uvloop (pinned): the pure-Python h11 parser and asyncio loop cost more per request than
+        # the HTTP layer's budget (benchmarks/bench_serve.py)
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
-                    timeout_graceful_shutdown=30)
+                    timeout_graceful_shutdown=30, http="httptools", loop="uvloop")
     finally:
         registry.close()
     return 0
