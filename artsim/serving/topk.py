@@ -18,10 +18,16 @@ def exact_topk(queries: np.ndarray, vectors: np.ndarray, ids: np.ndarray, k: int
     nq = queries.shape[0]
     best_scores = np.full((nq, k), -np.inf, dtype=np.float32)
     best_ids = np.full((nq, k), EMPTY_ID, dtype=np.int64)
+    ids = np.asarray(ids, dtype=np.int64)
     for start in range(0, len(vectors), block):
         chunk = np.asarray(vectors[start:start + block], dtype=np.float32)
         scores = queries @ chunk.T
-        chunk_ids = np.broadcast_to(np.asarray(ids[start:start + block], dtype=np.int64), scores.shape)
+        if scores.shape[1] > k:  # keep each query's k best of the chunk before merging: no (nq, block) id matrix
+            part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+            scores = np.take_along_axis(scores, part, axis=1)
+            chunk_ids = ids[start:start + block][part]
+        else:
+            chunk_ids = np.broadcast_to(ids[start:start + block], scores.shape)
         best_scores, best_ids = merge_topk([(best_scores, best_ids), (scores, chunk_ids)], k)
     return best_scores, best_ids
 
