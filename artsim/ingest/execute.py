@@ -270,10 +270,26 @@ def _gather(refs: list, progress=None, what: str = "") -> list:
             if progress is not None:
                 progress.update(1, what)
     except ray.exceptions.RayTaskError as exc:
-        for r in left:
-            ray.cancel(r)
+        _stop(left)
         raise _unwrap(exc) from None
     return out
+
+
+def _stop(refs: list, grace_s: float = 30.0) -> None:
+    """Cancel ``refs`` and wait until they have ended: a task still running after the stage has failed could go on
+    writing (a harvest its saved cursor) while the user already re-runs the stage."""
+    import ray
+
+    for r in refs:
+        ray.cancel(r)
+    _, running = ray.wait(refs, num_returns=len(refs), timeout=grace_s) if refs else ([], [])
+    for r in running:  # ignored the interrupt: kill the worker process (a plain task, nothing else lives there)
+        ray.cancel(r, force=True)
+    for r in refs:
+        try:
+            ray.get(r, timeout=grace_s)
+        except Exception:  # cancelled, killed or failed in its own right: the first failure is what we report
+            pass
 
 
 def run(plan: IngestPlan, sources, storage_config, work_uri: str, out_uri: str, rows_per_file: int,
