@@ -71,11 +71,20 @@ def start_server(work: Path, originals: list[Path], n: int, latency: float, keep
     return proc, int(port_file.read_text())
 
 
-def process_tree_cpu(root_pid: int, exclude: set[int]) -> dict[int, tuple[str, float]]:
+def process_kind(cmd: str) -> str:
+    """What a process of the artsim job is, from its command line (where the CPU goes, by kind)."""
+    for needle, kind in (("ShardWorker", "fetch workers"), ("HostLimiter", "limiter actor"), ("raylet", "raylet"),
+                         ("gcs_server", "gcs"), ("ray::", "other ray workers")):
+        if needle in cmd:
+            return kind
+    return "other ray daemons"  # dashboard agent, runtime-env agent, log monitor, autoscaler monitor, idle workers
+
+
+def process_tree_cpu(root_pid: int, exclude: set[int], with_cmd: bool = False) -> dict[int, tuple]:
     """{pid: (kind, CPU seconds user+system)} of the live processes under ``root_pid`` (Linux /proc).
 
-    Ray's daemons and workers are descendants of the driver, so this covers the whole artsim job, by kind: driver /
-    fetch workers / Ray daemons and other workers (limiter actor included).
+    Ray's daemons and workers are descendants of the driver, so this covers the whole artsim job, by kind (see
+    ``process_kind``).
     """
     tick = os.sysconf("SC_CLK_TCK")
     children: dict[int, list[int]] = {}
@@ -100,8 +109,8 @@ def process_tree_cpu(root_pid: int, exclude: set[int]) -> dict[int, tuple[str, f
         if pid in exclude or pid not in stats:
             continue
         cmd, cpu = stats[pid]
-        kind = "driver" if pid == root_pid else "fetch workers" if "ShardWorker" in cmd else "ray daemons/other"
-        out[pid] = (kind, cpu)
+        kind = "driver" if pid == root_pid else process_kind(cmd)
+        out[pid] = (kind, cpu, cmd) if with_cmd else (kind, cpu)
     return out
 
 
@@ -115,23 +124,34 @@ class CpuSampler:
         self.root_pid, self.exclude = root_pid, exclude
         self.first = process_tree_cpu(root_pid, exclude)
         self.last = dict(self.first)
+        self._cmds: dict[int, tuple[str, float]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self):
         while not self._stop.wait(0.25):
-            self.last.update(process_tree_cpu(self.root_pid, self.exclude))
+            self._sample()
+
+    def _sample(self):
+        now = process_tree_cpu(self.root_pid, self.exclude, with_cmd=True)
+        self.last.update({pid: (kind, cpu) for pid, (kind, cpu, _cmd) in now.items()})
+        self._cmds.update({pid: (cmd, cpu) for pid, (_kind, cpu, cmd) in now.items()})
 
     def stop(self) -> dict[str, float]:
         """CPU seconds used since start, by kind."""
         self._stop.set()
         self._thread.join()
-        self.last.update(process_tree_cpu(self.root_pid, self.exclude))
+        self._sample()
         used: dict[str, float] = {}
         for pid, (kind, cpu) in self.last.items():
             used[kind] = used.get(kind, 0.0) + cpu - self.first.get(pid, (kind, 0.0))[1]
         return used
+
+    def by_process(self, top: int = 15) -> list[tuple[str, float]]:
+        """The ``top`` processes by CPU seconds used since start: (command line, seconds)."""
+        rows = [(cmd[:100], cpu - self.first.get(pid, (cmd, 0.0))[1]) for pid, (cmd, cpu) in self._cmds.items()]
+        return sorted(rows, key=lambda r: -r[1])[:top]
 
 
 def run_img2dataset(work: Path, urls: list[str], processes: int) -> dict:
@@ -196,13 +216,16 @@ def run_artsim(work: Path, urls: list[str], args, server_pid: int, connections: 
     report = run_download(ctx)
     elapsed = time.perf_counter() - t1
     cpu_used = sampler.stop()
+    top_processes = [(cmd, round(1000 * cpu / max(report["by_status"].get("ok", 0), 1), 2))
+                     for cmd, cpu in sampler.by_process()]
     ok = report["by_status"].get("ok", 0)
     ray.shutdown()
     cpu_ms = {k: round(1000 * v / max(ok, 1), 2) for k, v in cpu_used.items()}
     return {"seconds": elapsed, "ray_init_seconds": ray_start, "ok": ok, "images_per_s": ok / elapsed,
             "images_per_s_incl_ray_init": ok / (elapsed + ray_start), "by_status": report["by_status"],
             "max_concurrent_per_host": report["max_concurrent_connections_per_host"],
-            "cpu_ms_per_image": round(sum(cpu_ms.values()), 2), "cpu_ms_per_image_by_process": cpu_ms}
+            "cpu_ms_per_image": round(sum(cpu_ms.values()), 2), "cpu_ms_per_image_by_process": cpu_ms,
+            "cpu_ms_per_image_top_processes": top_processes}
 
 
 def main() -> int:

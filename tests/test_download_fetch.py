@@ -692,3 +692,46 @@ def test_dns_answers_are_cached_and_still_checked():
     policy.check("http://public.example/b.jpg")
     assert calls == ["public.example", "evil.example", "public.example"]
     assert isinstance(URLPolicy().resolver, CachingResolver)
+
+
+def test_images_are_processed_one_at_a_time_per_slot_while_downloads_overlap(monkeypatch):
+    """A shard worker has one CPU: its threads download together but decode one image at a time (image_slots=1);
+    with two slots two decodes do run together (a barrier that only two concurrent decodes can pass)."""
+    import artsim.download.fetch as fetch_module
+
+    real = fetch_module.process_image
+    lock = threading.Lock()
+    state = {"now": 0, "max": 0, "barrier": None}
+
+    def counting(*args, **kwargs):
+        with lock:
+            state["now"] += 1
+            state["max"] = max(state["max"], state["now"])
+        try:
+            if state["barrier"] is not None:
+                state["barrier"].wait()  # BrokenBarrierError (-> internal_error) unless a second decode arrives
+            return real(*args, **kwargs)
+        finally:
+            with lock:
+                state["now"] -= 1
+
+    monkeypatch.setattr(fetch_module, "process_image", counting)
+    image = jpeg(600, 400)
+    with MisbehavingServer(latency_s=0.1) as srv:
+        urls = [srv.add(f"/{i}.jpg", httpd.ok(image)) for i in range(24)]
+        fetcher, _ = make_fetcher(per_host_connections=8, per_host_requests_per_second=None, respect_robots_txt=False)
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda u: fetcher.fetch_url("x", u), urls))
+        assert [r.status for r in results] == ["ok"] * 24
+        assert state["max"] == 1
+        assert srv.max_concurrent >= 2  # the downloads themselves overlapped
+
+        cfg = DownloadConfig(allow_hosts=["127.0.0.1"], per_host_connections=8, per_host_requests_per_second=None,
+                             respect_robots_txt=False)
+        limiter = LocalHostLimiter(8, cfg.per_host_requests_per_second, cfg.circuit_breaker_failures)
+        two = Fetcher(cfg, limiter, image_slots=2)
+        state.update(max=0, barrier=threading.Barrier(2, timeout=30))
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda u: two.fetch_url("x", u), urls[:8]))
+        assert [r.status for r in results] == ["ok"] * 8, [r.error for r in results]
+        assert state["max"] == 2

@@ -252,8 +252,14 @@ class Fetcher:
     """Fetches records' images under one config. Thread-safe."""
 
     def __init__(self, config: DownloadConfig, limiter, storage_config: Optional[StorageConfig] = None,
-                 policy: Optional[URLPolicy] = None, seed: Optional[int] = None, queue_timeout_s: float = 900.0):
+                 policy: Optional[URLPolicy] = None, seed: Optional[int] = None, queue_timeout_s: float = 900.0,
+                 image_slots: int = 1):
         self.cfg = config
+        # How many images this process decodes/resizes/encodes/hashes at once; the other threads keep downloading.
+        # A shard worker is a Ray actor with one CPU: 32 threads decoding together only time-slice that CPU and
+        # evict each other's ~2 MB working sets from the cache. One at a time cost 8-9 % less CPU per image
+        # (docs/download.md, "CPU per image"); the network stays fetch_threads-wide.
+        self._image_slots = threading.BoundedSemaphore(max(1, image_slots))
         self.limiter = limiter
         self.policy = policy or URLPolicy(config.allow_private_addresses, config.allow_hosts,
                                           config.allow_local_files)
@@ -427,16 +433,18 @@ class Fetcher:
 
     def _finish(self, res: FetchResult, body: bytes) -> FetchResult:
         res.bytes_downloaded = len(body)
-        try:
-            out = process_image(body, self.cfg.image_size, self.cfg.max_pixels, self.cfg.format, self.cfg.quality,
-                                self.cfg.min_width, self.cfg.min_height, self.cfg.max_aspect_ratio)
-        except ImageRejected as exc:
-            res.status, res.error = exc.status, str(exc)
-            return res
+        with self._image_slots:  # the connection is already back in the pool: no deadline or slot waits on this
+            try:
+                out = process_image(body, self.cfg.image_size, self.cfg.max_pixels, self.cfg.format,
+                                    self.cfg.quality, self.cfg.min_width, self.cfg.min_height,
+                                    self.cfg.max_aspect_ratio)
+            except ImageRejected as exc:
+                res.status, res.error = exc.status, str(exc)
+                return res
+            res.sha256 = hashlib.sha256(body).hexdigest()
         res.status, res.error = "ok", None
         res.image, res.width, res.height = out.data, out.width, out.height
         res.original_width, res.original_height = out.original_width, out.original_height
-        res.sha256 = hashlib.sha256(body).hexdigest()
         return res
 
     # -- one request ---------------------------------------------------------------------------------------------
