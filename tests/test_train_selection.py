@@ -116,3 +116,54 @@ def test_no_epoch_beats_the_start_so_the_export_is_the_start(destructive_run):
     assert history["validation"] == v and history["exported_epoch"] == 0
     assert [h["epoch"] for h in history["history"]] == [0, 1, 2]
     assert all("val_creator_recall@10" in h and h["val_score"] is not None for h in history["history"])
+
+
+def test_every_metric_refuses_an_epoch_that_loses_any_validation_metric():
+    from artsim.train.selection import is_new_best, selection_metrics, worse_than_start
+
+    k = 10
+    start = {"val_recall@10": 0.5, "val_creator_recall@10": 0.6, "val_recall@10[shared object type]": 0.4,
+             "val_recall@10[shared subject]": 0.3, "val_loss": 0.2}
+    assert set(selection_metrics(start, k)) == {"val_recall@10", "val_creator_recall@10",
+                                                "val_recall@10[shared object type]", "val_recall@10[shared subject]"}
+    assert validation_score(start, k) == pytest.approx(0.45)  # every_metric is the default
+    start_score = validation_score(start, k)
+    # a big gain in the criteria cannot pay for a small loss in same-creator recall
+    trade = {**start, "val_recall@10": 0.9, "val_recall@10[shared object type]": 0.8, "val_creator_recall@10": 0.59}
+    assert worse_than_start(trade, start, k) == ["val_creator_recall@10"]
+    assert not is_new_best(trade, start, start_score, k)
+    # ...while the blended score of the older rule would have taken it
+    assert is_new_best(trade, start, validation_score(start, k, "criteria_and_creator"), k, "criteria_and_creator")
+    # one kind of criterion lost: refused too
+    kind_loss = {**start, "val_recall@10": 0.7, "val_recall@10[shared subject]": 0.29}
+    assert worse_than_start(kind_loss, start, k) == ["val_recall@10[shared subject]"]
+    assert not is_new_best(kind_loss, start, start_score, k)
+    # nothing lost and something gained: the new best; a tie with the best so far is not
+    gain = {**start, "val_recall@10[shared object type]": 0.5}
+    assert worse_than_start(gain, start, k) == [] and is_new_best(gain, start, start_score, k)
+    assert not is_new_best(dict(start), start, start_score, k)
+    assert not is_new_best(gain, start, validation_score(gain, k), k)
+    # no validation set at all: every epoch replaces the last, so the last is exported
+    assert is_new_best({}, {}, None, k) and not is_new_best({}, start, start_score, k)
+    with pytest.raises(ValueError, match="select_by"):
+        selection_metrics(start, k, "blend")
+
+
+def test_validation_is_measured_per_kind_of_criterion_on_held_out_creators():
+    ids = [f"w{i}" for i in range(200)]
+    creators = {o: f"artist {i % 25}" for i, o in enumerate(ids)}
+    rng = np.random.default_rng(0)
+    a, p, n = (rng.choice(ids, 3000).tolist() for _ in range(3))
+    reasons = [("shared subject: s%d" % (i % 4)) if i % 3 == 0 else ("shared object type: t%d" % (i % 2))
+               if i % 3 == 1 else f'similar text: "{i}" ~ "x" (cosine 0.7)' for i in range(3000)]
+    data = prepare_training_data(a, p, n, reasons, validation_fraction=0.3, seed=1, groups=creators)
+    assert set(data.val_criteria) == {"shared subject", "shared object type", "similar text"}
+    held = {data.object_ids[j] for j in data.val_objects}
+    for kind, (objects, relevance) in data.val_criteria.items():
+        assert len(objects) == len(relevance) and set(data.object_ids[j] for j in objects) <= held
+        assert data.stats["validation_criteria"][kind] == len(objects)
+    # each kind's objects are exactly the held-out works its own validation triplets pair
+    for kind, (objects, _) in data.val_criteria.items():
+        paired = {o for i in range(3000) if reasons[i].startswith(kind) and a[i] in held and p[i] in held
+                  for o in (a[i], p[i])}
+        assert {data.object_ids[j] for j in objects} == paired

@@ -58,6 +58,24 @@ def group_key(reason: str) -> str:
     return reason.split(";", 1)[0].strip()
 
 
+def criterion_kind(reason: str) -> str:
+    """The kind of criterion a reason names ("shared subject: x" -> "shared subject", "similar text: ..." ->
+    "similar text"): validation measures each kind on its own, so a gain in one cannot hide a loss in another."""
+    return group_key(reason).split(":", 1)[0].strip()
+
+
+def relevance_of_groups(groups: dict) -> tuple[np.ndarray, list]:
+    """(objects, relevance) for recall@k from groups of related objects: the sorted objects of all groups, and per
+    object the positions of the other members of its groups."""
+    objects = np.array(sorted({o for g in groups.values() for o in g}), dtype=np.int64)
+    position = {int(o): j for j, o in enumerate(objects)}
+    relevance = [set() for _ in objects]
+    for members in groups.values():
+        for o in members:
+            relevance[position[o]].update(position[m] for m in members if m != o)
+    return objects, relevance
+
+
 @dataclass
 class TrainingData:
     object_ids: list[str]  # every object a usable triplet mentions; indices below point into this list
@@ -72,6 +90,9 @@ class TrainingData:
     # held-out objects whose (held-out) creator has two or more of them, and their same-creator relevance
     val_creator_objects: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     val_creator_relevance: list = field(default_factory=list)
+    # per criterion kind ("shared subject", "shared object type", "similar text", ...): (objects, relevance) of the
+    # held-out works that kind's validation triplets group together
+    val_criteria: dict = field(default_factory=dict)
     stats: dict = field(default_factory=dict)
 
     @property
@@ -110,16 +131,14 @@ def prepare_training_data(anchor_ids: Sequence[str], positive_ids: Sequence[str]
                           f"{validation_fraction:.0%} of the objects; lower train.validation_fraction")
     # Validation groups: held-out anchor/positive pairs, joined by the criterion that made them similar.
     groups: dict[str, set] = defaultdict(set)
+    kinds: dict[str, dict[str, set]] = defaultdict(lambda: defaultdict(set))
     kept_reasons = [reasons[i] for i in keep]
     for t in np.flatnonzero(val):
         key = group_key(kept_reasons[t])
         groups[key].update((int(a[t]), int(p[t])))
-    val_objects = np.array(sorted({o for g in groups.values() for o in g}), dtype=np.int64)
-    position = {int(o): j for j, o in enumerate(val_objects)}
-    relevance = [set() for _ in val_objects]
-    for members in groups.values():
-        for o in members:
-            relevance[position[o]].update(position[m] for m in members if m != o)
+        kinds[criterion_kind(key)][key].update((int(a[t]), int(p[t])))
+    val_objects, relevance = relevance_of_groups(groups)
+    val_criteria = {kind: relevance_of_groups(kind_groups) for kind, kind_groups in sorted(kinds.items())}
     # Same-creator relevance among held-out works: does the model keep a creator's works together (a thing a
     # pretrained network does well and metadata-mined triplets can undo)?
     by_creator: dict[str, list] = defaultdict(list)
@@ -139,12 +158,13 @@ def prepare_training_data(anchor_ids: Sequence[str], positive_ids: Sequence[str]
         object_ids=object_ids, anchors=a[train], positives=p[train], negatives=n[train],
         val_objects=val_objects, val_relevance=relevance,
         val_anchors=a[val], val_positives=p[val], val_negatives=n[val],
-        val_creator_objects=creator_objects, val_creator_relevance=creator_relevance,
+        val_creator_objects=creator_objects, val_creator_relevance=creator_relevance, val_criteria=val_criteria,
         stats={"split": "creator" if creator_of is not None else "object", "held_out_groups": len(held_groups),
                "validation_creator_objects": len(creator_objects),"triplets": total, "usable": len(keep), "unavailable": total - len(keep),
                "train_triplets": int(train.sum()), "validation_triplets": int(val.sum()),
                "held_out_objects": int(held.sum()), "validation_objects": len(val_objects),
-               "validation_groups": len(groups)})
+               "validation_groups": len(groups),
+               "validation_criteria": {kind: len(objs) for kind, (objs, _) in val_criteria.items()}})
 
 
 def epoch_batches(n_triplets: int, batch_size: int, epoch: int, seed: int, rank: int, world: int) -> list:

@@ -22,24 +22,12 @@ from typing import Callable, Optional
 import numpy as np
 
 from artsim.console import say
+from artsim.train.selection import is_new_best, validation_score, worse_than_start  # noqa: F401 (re-exported)
 
 CHECKPOINT_MODEL = "model.safetensors"
 CHECKPOINT_OPTIMIZER = "optimizer.pt"
 CHECKPOINT_STATE = "state.json"
 CHECKPOINT_BEST = "best.safetensors"
-
-
-def validation_score(metrics: dict, k: int, select_by: str = "criteria_and_creator") -> Optional[float]:
-    """What "best epoch" means: the mean of the validation recalls that exist on held-out creators -- recall@k of
-    the curators' criteria (held-out triplet groups) and recall@k of same-creator works. Both are measured on
-    creators training never saw, so the score rewards what generalises, and a head that trades creator
-    coherence for the mined criteria does not count as better. None when there is no validation set.
-    ``select_by: criteria`` scores by the mined criteria alone (when creator coherence is not wanted)."""
-    values = [metrics.get(f"val_recall@{k}")]
-    if select_by == "criteria_and_creator":
-        values.append(metrics.get(f"val_creator_recall@{k}"))
-    values = [v for v in values if isinstance(v, (int, float)) and v == v]
-    return float(np.mean(values)) if values else None
 
 
 def read_checkpoint_dir(path: str) -> tuple[dict, dict]:
@@ -153,6 +141,13 @@ def _evaluate(encode: Callable, module, data, k: int, margin: float) -> dict:
             r = recall_at_k(vecs, data.val_creator_relevance, k)
             out[f"val_creator_recall@{k}"] = r["recall"]
             out["val_creator_queries"] = r["queries"]
+        for kind, (objects, relevance) in getattr(data, "val_criteria", {}).items():
+            if len(objects) >= 2:  # each kind of criterion on its own: a gain in one must not hide a loss in another
+                vecs = torch.cat([encode(chunk, False, module) for chunk in np.array_split(
+                    objects, max(1, len(objects) // 256))]).cpu().numpy()
+                r = recall_at_k(vecs, relevance, k)
+                if r["queries"]:
+                    out[f"val_recall@{k}[{kind}]"] = r["recall"]
         if len(data.val_anchors):
             objs, inv = np.unique(np.concatenate([data.val_anchors, data.val_positives, data.val_negatives]),
                                   return_inverse=True)
@@ -215,10 +210,11 @@ def train_loop_per_worker(config: dict) -> None:
         optimizer.load_state_dict(optimizer_state)
 
     k, margin, mining = config["recall_k"], config["margin"], config["mining"]
+    select_by = config.get("select_by", "every_metric")
     pair_keys = positive_pair_keys(data.anchors, data.positives, data.n_objects) if mining != "none" else None
     if not history and rank == 0:
         history.append({"epoch": 0, **_evaluate(encode, module, data, k, margin)})  # the untrained model
-        history[0]["val_score"] = validation_score(history[0], k, config.get("select_by", "criteria_and_creator"))
+        history[0]["val_score"] = validation_score(history[0], k, select_by)
         best_state, best_epoch = _cpu_state(module), 0  # the start is the model to beat
     best_score = next((h.get("val_score") for h in history if h["epoch"] == best_epoch), None)
 
@@ -255,16 +251,19 @@ def train_loop_per_worker(config: dict) -> None:
                    "epoch_seconds": seconds, "triplets_per_second": float(sums[2]) / max(seconds, 1e-9)}
         if rank == 0:
             metrics.update(_evaluate(encode, module, data, k, margin))
-            score = metrics["val_score"] = validation_score(metrics, k, config.get("select_by", "criteria_and_creator"))
-            # Strictly better only: on a tie the earlier epoch (ultimately the start) stays the best. Without any
+            score = metrics["val_score"] = validation_score(metrics, k, select_by)
+            start = next((h for h in history if h["epoch"] == 0), None)
+            metrics["val_worse_than_start"] = worse_than_start(metrics, start, k, select_by) if start else []
+            # Strictly better only, and (select_by: every_metric) no validation metric below the start's: on a tie
+            # the earlier epoch (ultimately the start) stays the best (artsim.train.selection). Without any
             # validation set there is nothing to choose by, and the last epoch is kept.
-            if (score is not None and (best_score is None or score > best_score + 1e-9)) or \
-                    (score is None and best_score is None):
+            if is_new_best(metrics, start, best_score, k, select_by):
                 best_state, best_epoch, best_score = _cpu_state(module), epoch, score
             history.append(metrics)
             recall, creator = metrics.get(f"val_recall@{k}"), metrics.get(f"val_creator_recall@{k}")
             say(f"train: epoch {epoch}/{config['epochs']} loss {metrics['train_loss']:.4f} "
-                f"val recall@{k} {_round(recall)} same-creator {_round(creator)} score {_round(score)} "
+                f"val recall@{k} {_round(recall)} same-creator {_round(creator)} score {_round(score)}"
+                f"{' (below the start: ' + ', '.join(metrics['val_worse_than_start']) + ')' if metrics['val_worse_than_start'] else ''} "
                 f"(best: epoch {best_epoch}; {seconds:.1f} s, {metrics['triplets_per_second']:.0f} triplets/s)")
             with tempfile.TemporaryDirectory() as tmp:
                 _write_checkpoint_dir(tmp, module, optimizer, {
