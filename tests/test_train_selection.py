@@ -38,10 +38,15 @@ def test_split_holds_out_whole_creators_and_never_trains_on_them():
     assert not {creators.get(o) for o in train_objects} & held_creators
     assert data.stats["split"] == "creator" and data.stats["held_out_groups"] >= len(held_creators)
     # same-creator validation: held-out works whose creator has other held-out works, and only those as relevant
+    # every held-out work is a candidate (the gallery of all validation recalls), never a training work
     vc = [data.object_ids[j] for j in data.val_creator_objects]
-    assert vc and all(creators[o] in held_creators for o in vc)
-    for i, rel in enumerate(data.val_creator_relevance):
-        assert rel and all(creators[vc[j]] == creators[vc[i]] for j in rel)
+    assert list(data.val_creator_objects) == list(data.val_objects) == sorted(np.flatnonzero(
+        held_out_groups_mask(data.object_ids, creators, 0.2, seed=3)))
+    queries = [i for i, rel in enumerate(data.val_creator_relevance) if rel]
+    assert queries and len(queries) == data.stats["validation_creator_queries"]
+    for i in queries:
+        assert creators[vc[i]] in held_creators
+        assert all(creators.get(vc[j]) == creators[vc[i]] for j in data.val_creator_relevance[i])
 
 
 def test_residual_head_starts_at_the_identity_and_is_scale_free():
@@ -160,10 +165,11 @@ def test_validation_is_measured_per_kind_of_criterion_on_held_out_creators():
     assert set(data.val_criteria) == {"shared subject", "shared object type", "similar text"}
     held = {data.object_ids[j] for j in data.val_objects}
     for kind, (objects, relevance) in data.val_criteria.items():
-        assert len(objects) == len(relevance) and set(data.object_ids[j] for j in objects) <= held
-        assert data.stats["validation_criteria"][kind] == len(objects)
+        assert len(objects) == len(relevance) and set(data.object_ids[j] for j in objects) == held
+        assert data.stats["validation_criteria"][kind] == sum(1 for r in relevance if r)
     # each kind's objects are exactly the held-out works its own validation triplets pair
-    for kind, (objects, _) in data.val_criteria.items():
+    for kind, (objects, relevance) in data.val_criteria.items():
         paired = {o for i in range(3000) if reasons[i].startswith(kind) and a[i] in held and p[i] in held
                   for o in (a[i], p[i])}
-        assert {data.object_ids[j] for j in objects} == paired
+        assert list(objects) == list(data.val_objects)  # ranked among all held-out works
+        assert {data.object_ids[objects[j]] for j, rel in enumerate(relevance) if rel} == paired

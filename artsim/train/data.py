@@ -64,16 +64,16 @@ def criterion_kind(reason: str) -> str:
     return group_key(reason).split(":", 1)[0].strip()
 
 
-def relevance_of_groups(groups: dict) -> tuple[np.ndarray, list]:
-    """(objects, relevance) for recall@k from groups of related objects: the sorted objects of all groups, and per
-    object the positions of the other members of its groups."""
-    objects = np.array(sorted({o for g in groups.values() for o in g}), dtype=np.int64)
-    position = {int(o): j for j, o in enumerate(objects)}
-    relevance = [set() for _ in objects]
-    for members in groups.values():
+def relevance_of_groups(groups, gallery: np.ndarray) -> list:
+    """Per position of ``gallery`` (object indices), the positions of the other members of its groups (an
+    iterable of sets of object indices): what recall@k counts as relevant. Objects of no group get an empty set
+    (they are candidates, not queries)."""
+    position = {int(o): j for j, o in enumerate(gallery)}
+    relevance = [set() for _ in gallery]
+    for members in groups:
         for o in members:
             relevance[position[o]].update(position[m] for m in members if m != o)
-    return objects, relevance
+    return relevance
 
 
 @dataclass
@@ -82,16 +82,16 @@ class TrainingData:
     anchors: np.ndarray  # training triplets
     positives: np.ndarray
     negatives: np.ndarray
-    val_objects: np.ndarray  # held-out objects that appear in validation groups
-    val_relevance: list  # per val_objects position: set of positions of related held-out objects
+    val_objects: np.ndarray  # the held-out objects: every validation recall ranks all of them
+    val_relevance: list  # per val_objects position: set of positions of related held-out objects (criteria)
     val_anchors: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # validation triplets
     val_positives: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     val_negatives: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    # held-out objects whose (held-out) creator has two or more of them, and their same-creator relevance
+    # the held-out objects again, and per position the other held-out works of the same creator
     val_creator_objects: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     val_creator_relevance: list = field(default_factory=list)
-    # per criterion kind ("shared subject", "shared object type", "similar text", ...): (objects, relevance) of the
-    # held-out works that kind's validation triplets group together
+    # per criterion kind ("shared subject", "shared object type", "similar text", ...): (held-out objects,
+    # relevance by the groups of that kind's validation triplets)
     val_criteria: dict = field(default_factory=dict)
     stats: dict = field(default_factory=dict)
 
@@ -137,34 +137,33 @@ def prepare_training_data(anchor_ids: Sequence[str], positive_ids: Sequence[str]
         key = group_key(kept_reasons[t])
         groups[key].update((int(a[t]), int(p[t])))
         kinds[criterion_kind(key)][key].update((int(a[t]), int(p[t])))
-    val_objects, relevance = relevance_of_groups(groups)
-    val_criteria = {kind: relevance_of_groups(kind_groups) for kind, kind_groups in sorted(kinds.items())}
+    # Every validation recall ranks *all* held-out works, as a search over unseen creators would: a query's
+    # relevant works compete with every other held-out work, not only with the few its criterion names (ranked
+    # among those alone, recall@10 saturates at ~1.0 and cannot see a loss).
+    gallery = np.flatnonzero(held).astype(np.int64)
+    relevance = relevance_of_groups(groups.values(), gallery)
+    val_criteria = {kind: (gallery, relevance_of_groups(kind_groups.values(), gallery))
+                    for kind, kind_groups in sorted(kinds.items())}
     # Same-creator relevance among held-out works: does the model keep a creator's works together (a thing a
     # pretrained network does well and metadata-mined triplets can undo)?
-    by_creator: dict[str, list] = defaultdict(list)
-    for j in np.flatnonzero(held):
+    by_creator: dict[str, set] = defaultdict(set)
+    for j in gallery:
         creator = (creator_of or {}).get(object_ids[j])
         if creator:
-            by_creator[creator].append(int(j))
-    creator_objects = np.array(sorted(j for m in by_creator.values() if len(m) > 1 for j in m), dtype=np.int64)
-    creator_position = {int(o): i for i, o in enumerate(creator_objects)}
-    creator_relevance = [set() for _ in creator_objects]
-    for members in by_creator.values():
-        if len(members) > 1:
-            for o in members:
-                creator_relevance[creator_position[o]].update(creator_position[m] for m in members if m != o)
+            by_creator[creator].add(int(j))
+    creator_relevance = relevance_of_groups(by_creator.values(), gallery)
     held_groups = {(creator_of or {}).get(object_ids[j]) or object_ids[j] for j in np.flatnonzero(held)}
     return TrainingData(
         object_ids=object_ids, anchors=a[train], positives=p[train], negatives=n[train],
-        val_objects=val_objects, val_relevance=relevance,
+        val_objects=gallery, val_relevance=relevance,
         val_anchors=a[val], val_positives=p[val], val_negatives=n[val],
-        val_creator_objects=creator_objects, val_creator_relevance=creator_relevance, val_criteria=val_criteria,
+        val_creator_objects=gallery, val_creator_relevance=creator_relevance, val_criteria=val_criteria,
         stats={"split": "creator" if creator_of is not None else "object", "held_out_groups": len(held_groups),
-               "validation_creator_objects": len(creator_objects),"triplets": total, "usable": len(keep), "unavailable": total - len(keep),
+               "validation_creator_queries": sum(1 for r in creator_relevance if r), "triplets": total, "usable": len(keep), "unavailable": total - len(keep),
                "train_triplets": int(train.sum()), "validation_triplets": int(val.sum()),
-               "held_out_objects": int(held.sum()), "validation_objects": len(val_objects),
+               "held_out_objects": int(held.sum()), "validation_objects": len(gallery),
                "validation_groups": len(groups),
-               "validation_criteria": {kind: len(objs) for kind, (objs, _) in val_criteria.items()}})
+               "validation_criteria": {kind: sum(1 for r in rel if r) for kind, (_, rel) in val_criteria.items()}})
 
 
 def epoch_batches(n_triplets: int, batch_size: int, epoch: int, seed: int, rank: int, world: int) -> list:

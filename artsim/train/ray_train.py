@@ -127,25 +127,28 @@ def _evaluate(encode: Callable, module, data, k: int, margin: float) -> dict:
 
     out: dict = {}
     module.eval()
+    encoded: dict = {}
+
+    def vectors_of(objects: np.ndarray) -> np.ndarray:  # the recalls share one gallery: encode it once
+        key = (id(objects), len(objects))
+        if key not in encoded:
+            encoded[key] = torch.cat([encode(chunk, False, module) for chunk in np.array_split(
+                objects, max(1, len(objects) // 256))]).cpu().numpy()
+        return encoded[key]
+
     with torch.no_grad():
         if len(data.val_objects) >= 2:
-            vecs = torch.cat([encode(chunk, False, module) for chunk in np.array_split(
-                data.val_objects, max(1, len(data.val_objects) // 256))]).cpu().numpy()
-            r = recall_at_k(vecs, data.val_relevance, k)
+            r = recall_at_k(vectors_of(data.val_objects), data.val_relevance, k)
             out[f"val_recall@{k}"] = r["recall"]
             out["val_queries"] = r["queries"]
         creator_objects = getattr(data, "val_creator_objects", np.zeros(0, np.int64))
         if len(creator_objects) >= 2:
-            vecs = torch.cat([encode(chunk, False, module) for chunk in np.array_split(
-                creator_objects, max(1, len(creator_objects) // 256))]).cpu().numpy()
-            r = recall_at_k(vecs, data.val_creator_relevance, k)
+            r = recall_at_k(vectors_of(creator_objects), data.val_creator_relevance, k)
             out[f"val_creator_recall@{k}"] = r["recall"]
             out["val_creator_queries"] = r["queries"]
         for kind, (objects, relevance) in getattr(data, "val_criteria", {}).items():
             if len(objects) >= 2:  # each kind of criterion on its own: a gain in one must not hide a loss in another
-                vecs = torch.cat([encode(chunk, False, module) for chunk in np.array_split(
-                    objects, max(1, len(objects) // 256))]).cpu().numpy()
-                r = recall_at_k(vecs, relevance, k)
+                r = recall_at_k(vectors_of(objects), relevance, k)
                 if r["queries"]:
                     out[f"val_recall@{k}[{kind}]"] = r["recall"]
         if len(data.val_anchors):
