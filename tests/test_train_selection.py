@@ -173,3 +173,48 @@ def test_validation_is_measured_per_kind_of_criterion_on_held_out_creators():
                   for o in (a[i], p[i])}
         assert list(objects) == list(data.val_objects)  # ranked among all held-out works
         assert {data.object_ids[objects[j]] for j, rel in enumerate(relevance) if rel} == paired
+
+
+def test_neighbourhood_term_keeps_the_start_models_neighbours():
+    """train.preserve_neighbourhoods: zero at the start; with it, triplets still move what they join, but the
+    other neighbourhoods of the start (pretrained) model change far less than without it."""
+    from artsim.train.evaluate import recall_at_k, relevance_from_labels
+    from artsim.train.losses import neighbourhood_loss, triplet_loss
+
+    rng = np.random.default_rng(0)
+    n, d = 120, 32
+    creator = np.arange(n) % 12  # the start model keeps a creator's works together
+    subject = rng.integers(0, 3, n)  # what the triplets teach: a subject the features barely show
+    centres = rng.normal(size=(12, d))
+    x = torch.from_numpy((centres[creator] + 0.5 * rng.normal(size=(n, d))).astype(np.float32))
+    start = torch.nn.functional.normalize(x, dim=1)
+    assert float(neighbourhood_loss(start, start)) == 0.0
+    a = rng.integers(0, n, 3000)
+    p = np.array([rng.choice(np.flatnonzero((subject == subject[i]) & (np.arange(n) != i))) for i in a])
+    neg = np.array([rng.choice(np.flatnonzero(subject != subject[i])) for i in a])
+
+    def train(weight: float):
+        torch.manual_seed(0)
+        model = HeadModel(head_description(d, 8, [], head_type="residual"))
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for step in range(150):
+            b = rng.integers(0, len(a), 64)
+            emb = model(x)
+            loss, _ = triplet_loss(emb, torch.from_numpy(a[b]), torch.from_numpy(p[b]), torch.from_numpy(neg[b]), 0.2)
+            loss = loss + weight * neighbourhood_loss(emb, start)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            emb = model(x)
+        return emb, float(neighbourhood_loss(emb, start))
+
+    creators = relevance_from_labels([[str(c)] for c in creator])
+    subjects = relevance_from_labels([[str(s)] for s in subject])
+    free, drift_free = train(0.0)
+    kept, drift_kept = train(10.0)
+    assert drift_kept < drift_free / 3
+    r0, r_free, r_kept = (recall_at_k(v.numpy(), creators, 10)["recall"] for v in (start, free, kept))
+    assert r_free < r0 - 0.05 and r_kept > r_free + 0.05  # without the term the creators fall apart
+    s0, s_kept = (recall_at_k(v.numpy(), subjects, 10)["recall"] for v in (start, kept))
+    assert s_kept > s0  # and the triplets still teach their criterion

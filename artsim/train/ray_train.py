@@ -81,8 +81,12 @@ def _build_model(config: dict, payload: dict):
             # The mean of the (normalised) training features; a buffer, so checkpoints and the export carry it.
             model.head.mean.copy_(torch.nn.functional.normalize(features.float(), dim=1).mean(dim=0))
 
-        def encode(objects: np.ndarray, training: bool, module=None):
-            return (module or model)(features[torch.from_numpy(objects)])
+        def encode(objects: np.ndarray, training: bool, module=None, reference=None):
+            x = features[torch.from_numpy(objects)]
+            if reference is None:
+                return (module or model)(x)
+            with torch.no_grad():
+                return (module or model)(x), reference(x)
 
         return model, encode
 
@@ -108,13 +112,17 @@ def _build_model(config: dict, payload: dict):
     def pixels_of(objects: np.ndarray) -> np.ndarray:  # PIL decodes outside the GIL: threads overlap
         return np.stack(list(decoder.map(lambda i: embedder.preprocess_pixels(images[int(i)]), objects)))
 
-    def encode(objects: np.ndarray, training: bool, module=None):
+    def encode(objects: np.ndarray, training: bool, module=None, reference=None):
         batch = torch.from_numpy(pixels_of(objects))
         if training:  # horizontal flips: a mirrored painting shows the same subject
             flip = torch.rand(len(objects)) < 0.5
             batch[flip] = batch[flip].flip(dims=[2])
         device = next((module or model).parameters()).device
-        return (module or model)(normalize(batch.to(device), mean, std))
+        x = normalize(batch.to(device), mean, std)
+        if reference is None:
+            return (module or model)(x)
+        with torch.no_grad():  # the start model on exactly the same (flipped) pixels
+            return (module or model)(x), reference(x)
 
     return model, encode
 
@@ -173,7 +181,7 @@ def train_loop_per_worker(config: dict) -> None:
     import torch.distributed as dist
 
     from artsim.train.data import epoch_batches
-    from artsim.train.losses import positive_pair_keys, triplet_loss, valid_negative_mask
+    from artsim.train.losses import neighbourhood_loss, positive_pair_keys, triplet_loss, valid_negative_mask
 
     torch.set_num_threads(max(1, int(config["threads"])))
     payload = ray.get(config["payload"])
@@ -181,6 +189,14 @@ def train_loop_per_worker(config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     raw_model, encode = _build_model(config, payload)
+    preserve = float(config.get("preserve_neighbourhoods") or 0.0)
+    reference = None
+    if preserve > 0:  # the start model, frozen (built before any checkpoint is loaded: the pretrained start)
+        import copy
+
+        reference = copy.deepcopy(raw_model).eval()
+        for p in reference.parameters():
+            p.requires_grad_(False)
 
     start_epoch, history, sessions = 0, [], []
     checkpoint = ray.train.get_checkpoint()
@@ -233,12 +249,17 @@ def train_loop_per_worker(config: dict) -> None:
             objects, inverse = np.unique(np.concatenate([a, p, n]), return_inverse=True)
             m = len(batch)
             ai, pi, ni = (torch.from_numpy(inverse[i * m:(i + 1) * m]) for i in range(3))
-            emb = encode(objects, True, model)
+            if reference is not None:
+                emb, start_emb = encode(objects, True, model, reference.to(next(module.parameters()).device))
+            else:
+                emb = encode(objects, True, model)
             valid = None
             if mining != "none":
                 valid = torch.from_numpy(valid_negative_mask(a, p, objects, pair_keys, data.n_objects))
             loss, stats = triplet_loss(emb, ai.to(emb.device), pi.to(emb.device), ni.to(emb.device), margin,
                                        mining, valid.to(emb.device) if valid is not None else None)
+            if reference is not None:
+                loss = loss + preserve * neighbourhood_loss(emb, start_emb)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
