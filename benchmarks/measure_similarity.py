@@ -14,9 +14,13 @@ measured on the *test* side, whose creators training never saw:
 
 Models side by side: colour histograms (8x8x8 RGB, Hellinger), pretrained (the backbone's features), head
 (`train.mode: head`, residual head by default) and finetune (`train.mode: finetune`, backbone + residual head). The
-train stage picks its exported epoch on held-out creators *of the train side* (never the test side).
+train stage picks its exported epoch on held-out creators *of the train side* (never the test side; by default
+`select_by: every_metric`: no validation metric below the start). Mining: `shared_terms` + `text` + `same_creator`
+by default, its per-strategy triplet counts printed. The defaults (strategies, learning rate) were chosen on creator
+splits 1-3 with benchmarks/tune_similarity_head.py; this script reports the published split (--split-seed 0, head and
+finetune) and, in head mode, the untuned splits --other-seeds (4, 5, 6) with their mean and worst change.
 
-    .venv/bin/python benchmarks/measure_similarity.py [--epochs 10] [--finetune-epochs 3] [--json OUT]
+    .venv/bin/python benchmarks/measure_similarity.py [--reuse] [--json OUT]
 
 Everything is seeded; numbers move only with CPU timing (finetune batches run in threads).
 """
