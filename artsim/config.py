@@ -310,10 +310,14 @@ class TrainConfig:
     # residual: x + up(down(x)) with up = 0 at start, so epoch 0 is the backbone's own embedding and a run that
     # cannot beat it exports it unchanged; projection: a (centred) linear/MLP map to head_dim (random at start)
     head_type: Literal["residual", "projection"] = "residual"
-    # the validation score that picks the exported epoch, on held-out creators: "criteria_and_creator" = mean of
-    # recall@k of the mined criteria and of same-creator works; "criteria" = the mined criteria alone
-    select_by: Literal["criteria_and_creator", "criteria"] = "criteria_and_creator"
+    # what picks the exported epoch, on held-out creators (artsim.train.selection): "every_metric" = no validation
+    # metric (criteria recall, same-creator recall, recall per kind of criterion) below the start, then the best
+    # mean; "criteria_and_creator" = mean of the criteria and same-creator recalls; "criteria" = the criteria alone
+    select_by: Literal["every_metric", "criteria_and_creator", "criteria"] = "every_metric"
     validation_fraction: float = 0.2  # share of objects held out (whole creators; see docs/similarity.md)
+    # weight of a loss term that keeps each batch's pairwise cosine similarities where the start (pretrained)
+    # model put them: the triplets move what the criteria join, other neighbourhoods stay; 0 = off
+    preserve_neighbourhoods: float = 0.0
     seed: int = 0  # initial weights, batches and the held-out split
     head_hidden_dims: list[int] = field(default_factory=list)  # [] = linear head; e.g. [512] = one hidden layer
     backbone_learning_rate: Optional[float] = None  # finetune: null = learning_rate / 10
@@ -338,6 +342,7 @@ class TrainConfig:
         "margin": Range(0, 2, low_open=True, high_open=True),  # cosine distance
         "head_dim": Range(1, 65_536),
         "validation_fraction": Range(0, 1, high_open=True),
+        "preserve_neighbourhoods": Range(0, 1000),
         "seed": Range(0, SEED_MAX),
         "head_hidden_dims": Range(1, 65_536),  # each dimension
         "backbone_learning_rate": Range(0, 10),

@@ -58,6 +58,16 @@ def triplet_loss(embeddings: torch.Tensor, anchors: torch.Tensor, positives: tor
     return losses.mean(), stats
 
 
+def neighbourhood_loss(embeddings: torch.Tensor, start_embeddings: torch.Tensor) -> torch.Tensor:
+    """Mean squared change of the batch's pairwise cosine similarities from the start model's
+    (``train.preserve_neighbourhoods``): the triplets may move what the curators' criteria join, but every other
+    pair keeps the similarity the pretrained model gave it -- what the pretrained network does well (a creator's
+    works together) is not traded away for the mined criteria. Zero at the start; both inputs are unit vectors."""
+    now = embeddings @ embeddings.T
+    then = start_embeddings @ start_embeddings.T
+    return ((now - then) ** 2).mean()
+
+
 def valid_negative_mask(anchor_objects: np.ndarray, positive_objects: np.ndarray, batch_objects: np.ndarray,
                         positive_pair_keys: np.ndarray, n_objects: int) -> np.ndarray:
     """(B, U) bool: may batch object u serve as a negative for triplet b?

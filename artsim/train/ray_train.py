@@ -22,24 +22,12 @@ from typing import Callable, Optional
 import numpy as np
 
 from artsim.console import say
+from artsim.train.selection import is_new_best, validation_score, worse_than_start  # noqa: F401 (re-exported)
 
 CHECKPOINT_MODEL = "model.safetensors"
 CHECKPOINT_OPTIMIZER = "optimizer.pt"
 CHECKPOINT_STATE = "state.json"
 CHECKPOINT_BEST = "best.safetensors"
-
-
-def validation_score(metrics: dict, k: int, select_by: str = "criteria_and_creator") -> Optional[float]:
-    """What "best epoch" means: the mean of the validation recalls that exist on held-out creators -- recall@k of
-    the curators' criteria (held-out triplet groups) and recall@k of same-creator works. Both are measured on
-    creators training never saw, so the score rewards what generalises, and a head that trades creator
-    coherence for the mined criteria does not count as better. None when there is no validation set.
-    ``select_by: criteria`` scores by the mined criteria alone (when creator coherence is not wanted)."""
-    values = [metrics.get(f"val_recall@{k}")]
-    if select_by == "criteria_and_creator":
-        values.append(metrics.get(f"val_creator_recall@{k}"))
-    values = [v for v in values if isinstance(v, (int, float)) and v == v]
-    return float(np.mean(values)) if values else None
 
 
 def read_checkpoint_dir(path: str) -> tuple[dict, dict]:
@@ -93,8 +81,12 @@ def _build_model(config: dict, payload: dict):
             # The mean of the (normalised) training features; a buffer, so checkpoints and the export carry it.
             model.head.mean.copy_(torch.nn.functional.normalize(features.float(), dim=1).mean(dim=0))
 
-        def encode(objects: np.ndarray, training: bool, module=None):
-            return (module or model)(features[torch.from_numpy(objects)])
+        def encode(objects: np.ndarray, training: bool, module=None, reference=None):
+            x = features[torch.from_numpy(objects)]
+            if reference is None:
+                return (module or model)(x)
+            with torch.no_grad():
+                return (module or model)(x), reference(x)
 
         return model, encode
 
@@ -120,13 +112,17 @@ def _build_model(config: dict, payload: dict):
     def pixels_of(objects: np.ndarray) -> np.ndarray:  # PIL decodes outside the GIL: threads overlap
         return np.stack(list(decoder.map(lambda i: embedder.preprocess_pixels(images[int(i)]), objects)))
 
-    def encode(objects: np.ndarray, training: bool, module=None):
+    def encode(objects: np.ndarray, training: bool, module=None, reference=None):
         batch = torch.from_numpy(pixels_of(objects))
         if training:  # horizontal flips: a mirrored painting shows the same subject
             flip = torch.rand(len(objects)) < 0.5
             batch[flip] = batch[flip].flip(dims=[2])
         device = next((module or model).parameters()).device
-        return (module or model)(normalize(batch.to(device), mean, std))
+        x = normalize(batch.to(device), mean, std)
+        if reference is None:
+            return (module or model)(x)
+        with torch.no_grad():  # the start model on exactly the same (flipped) pixels
+            return (module or model)(x), reference(x)
 
     return model, encode
 
@@ -139,20 +135,30 @@ def _evaluate(encode: Callable, module, data, k: int, margin: float) -> dict:
 
     out: dict = {}
     module.eval()
+    encoded: dict = {}
+
+    def vectors_of(objects: np.ndarray) -> np.ndarray:  # the recalls share one gallery: encode it once
+        key = (id(objects), len(objects))
+        if key not in encoded:
+            encoded[key] = torch.cat([encode(chunk, False, module) for chunk in np.array_split(
+                objects, max(1, len(objects) // 256))]).cpu().numpy()
+        return encoded[key]
+
     with torch.no_grad():
         if len(data.val_objects) >= 2:
-            vecs = torch.cat([encode(chunk, False, module) for chunk in np.array_split(
-                data.val_objects, max(1, len(data.val_objects) // 256))]).cpu().numpy()
-            r = recall_at_k(vecs, data.val_relevance, k)
+            r = recall_at_k(vectors_of(data.val_objects), data.val_relevance, k)
             out[f"val_recall@{k}"] = r["recall"]
             out["val_queries"] = r["queries"]
         creator_objects = getattr(data, "val_creator_objects", np.zeros(0, np.int64))
         if len(creator_objects) >= 2:
-            vecs = torch.cat([encode(chunk, False, module) for chunk in np.array_split(
-                creator_objects, max(1, len(creator_objects) // 256))]).cpu().numpy()
-            r = recall_at_k(vecs, data.val_creator_relevance, k)
+            r = recall_at_k(vectors_of(creator_objects), data.val_creator_relevance, k)
             out[f"val_creator_recall@{k}"] = r["recall"]
             out["val_creator_queries"] = r["queries"]
+        for kind, (objects, relevance) in getattr(data, "val_criteria", {}).items():
+            if len(objects) >= 2:  # each kind of criterion on its own: a gain in one must not hide a loss in another
+                r = recall_at_k(vectors_of(objects), relevance, k)
+                if r["queries"]:
+                    out[f"val_recall@{k}[{kind}]"] = r["recall"]
         if len(data.val_anchors):
             objs, inv = np.unique(np.concatenate([data.val_anchors, data.val_positives, data.val_negatives]),
                                   return_inverse=True)
@@ -175,7 +181,7 @@ def train_loop_per_worker(config: dict) -> None:
     import torch.distributed as dist
 
     from artsim.train.data import epoch_batches
-    from artsim.train.losses import positive_pair_keys, triplet_loss, valid_negative_mask
+    from artsim.train.losses import neighbourhood_loss, positive_pair_keys, triplet_loss, valid_negative_mask
 
     torch.set_num_threads(max(1, int(config["threads"])))
     payload = ray.get(config["payload"])
@@ -183,6 +189,14 @@ def train_loop_per_worker(config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     raw_model, encode = _build_model(config, payload)
+    preserve = float(config.get("preserve_neighbourhoods") or 0.0)
+    reference = None
+    if preserve > 0:  # the start model, frozen (built before any checkpoint is loaded: the pretrained start)
+        import copy
+
+        reference = copy.deepcopy(raw_model).eval()
+        for p in reference.parameters():
+            p.requires_grad_(False)
 
     start_epoch, history, sessions = 0, [], []
     checkpoint = ray.train.get_checkpoint()
@@ -215,10 +229,11 @@ def train_loop_per_worker(config: dict) -> None:
         optimizer.load_state_dict(optimizer_state)
 
     k, margin, mining = config["recall_k"], config["margin"], config["mining"]
+    select_by = config.get("select_by", "every_metric")
     pair_keys = positive_pair_keys(data.anchors, data.positives, data.n_objects) if mining != "none" else None
     if not history and rank == 0:
         history.append({"epoch": 0, **_evaluate(encode, module, data, k, margin)})  # the untrained model
-        history[0]["val_score"] = validation_score(history[0], k, config.get("select_by", "criteria_and_creator"))
+        history[0]["val_score"] = validation_score(history[0], k, select_by)
         best_state, best_epoch = _cpu_state(module), 0  # the start is the model to beat
     best_score = next((h.get("val_score") for h in history if h["epoch"] == best_epoch), None)
 
@@ -234,12 +249,17 @@ def train_loop_per_worker(config: dict) -> None:
             objects, inverse = np.unique(np.concatenate([a, p, n]), return_inverse=True)
             m = len(batch)
             ai, pi, ni = (torch.from_numpy(inverse[i * m:(i + 1) * m]) for i in range(3))
-            emb = encode(objects, True, model)
+            if reference is not None:
+                emb, start_emb = encode(objects, True, model, reference.to(next(module.parameters()).device))
+            else:
+                emb = encode(objects, True, model)
             valid = None
             if mining != "none":
                 valid = torch.from_numpy(valid_negative_mask(a, p, objects, pair_keys, data.n_objects))
             loss, stats = triplet_loss(emb, ai.to(emb.device), pi.to(emb.device), ni.to(emb.device), margin,
                                        mining, valid.to(emb.device) if valid is not None else None)
+            if reference is not None:
+                loss = loss + preserve * neighbourhood_loss(emb, start_emb)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -255,16 +275,19 @@ def train_loop_per_worker(config: dict) -> None:
                    "epoch_seconds": seconds, "triplets_per_second": float(sums[2]) / max(seconds, 1e-9)}
         if rank == 0:
             metrics.update(_evaluate(encode, module, data, k, margin))
-            score = metrics["val_score"] = validation_score(metrics, k, config.get("select_by", "criteria_and_creator"))
-            # Strictly better only: on a tie the earlier epoch (ultimately the start) stays the best. Without any
+            score = metrics["val_score"] = validation_score(metrics, k, select_by)
+            start = next((h for h in history if h["epoch"] == 0), None)
+            metrics["val_worse_than_start"] = worse_than_start(metrics, start, k, select_by) if start else []
+            # Strictly better only, and (select_by: every_metric) no validation metric below the start's: on a tie
+            # the earlier epoch (ultimately the start) stays the best (artsim.train.selection). Without any
             # validation set there is nothing to choose by, and the last epoch is kept.
-            if (score is not None and (best_score is None or score > best_score + 1e-9)) or \
-                    (score is None and best_score is None):
+            if is_new_best(metrics, start, best_score, k, select_by):
                 best_state, best_epoch, best_score = _cpu_state(module), epoch, score
             history.append(metrics)
             recall, creator = metrics.get(f"val_recall@{k}"), metrics.get(f"val_creator_recall@{k}")
             say(f"train: epoch {epoch}/{config['epochs']} loss {metrics['train_loss']:.4f} "
-                f"val recall@{k} {_round(recall)} same-creator {_round(creator)} score {_round(score)} "
+                f"val recall@{k} {_round(recall)} same-creator {_round(creator)} score {_round(score)}"
+                f"{' (below the start: ' + ', '.join(metrics['val_worse_than_start']) + ')' if metrics['val_worse_than_start'] else ''} "
                 f"(best: epoch {best_epoch}; {seconds:.1f} s, {metrics['triplets_per_second']:.0f} triplets/s)")
             with tempfile.TemporaryDirectory() as tmp:
                 _write_checkpoint_dir(tmp, module, optimizer, {

@@ -231,7 +231,7 @@ def run_train(ctx, **_options) -> dict:
         "backbone_learning_rate": cfg.backbone_learning_rate if cfg.backbone_learning_rate is not None
         else cfg.learning_rate / 10,
         "steps_per_epoch": cfg.steps_per_epoch, "margin": cfg.margin, "mining": cfg.mining, "seed": cfg.seed, "recall_k": cfg.recall_k,
-        "select_by": cfg.select_by,
+        "select_by": cfg.select_by, "preserve_neighbourhoods": cfg.preserve_neighbourhoods,
         "threads": cfg.cpus_per_worker, "fingerprint": _fingerprint(cfg, head, spec.to_dict()),
         "embed": dataclasses.asdict(ctx.config.embed), "storage": dataclasses.asdict(ctx.config.storage),
         "payload": ray.put(payload),
