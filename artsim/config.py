@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -539,6 +540,8 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(path, f"expected an integer, got {_describe(value)}")
         return value
     if tp is float:
+        if isinstance(value, str) and _YAML11_MISSED_FLOAT.match(value):
+            value = float(value)  # PyYAML (YAML 1.1) reads 3e-4 as a string; YAML 1.2 and people read a number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(path, f"expected a number, got {_describe(value)}")
         try:
@@ -580,6 +583,10 @@ def _build(cls: type, data: Any, path: str) -> Any:
 
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
+
+
+# exponent notation without a dot (3e-4, 1E+5), which YAML 1.1 does not take for a float; nothing else is converted
+_YAML11_MISSED_FLOAT = re.compile(r"^[-+]?[0-9]+[eE][-+]?[0-9]+$")
 
 
 def apply_override(tree: dict, assignment: str) -> None:

@@ -65,3 +65,18 @@ def test_load_config_roundtrip(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text(cfg.to_yaml())
     assert load_config(p) == cfg
+
+
+def test_exponent_floats_that_yaml_1_1_reads_as_strings_are_numbers(tmp_path):
+    """PyYAML reads `3e-4` (no dot) as a string; a float key takes it as the number everyone means, in a file and in
+    --set, while a real string is still refused with the key's path."""
+    from artsim.config import apply_override, load_config
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("train:\n  learning_rate: 3e-4\n")
+    assert load_config(str(cfg_file)).train.learning_rate == pytest.approx(3e-4)
+    tree: dict = {}
+    apply_override(tree, "train.margin=1E-1")
+    assert config_from_dict(tree).train.margin == pytest.approx(0.1)
+    with pytest.raises(ConfigError, match=r"^train\.learning_rate: expected a number"):
+        config_from_dict({"train": {"learning_rate": "3e-4x"}})
