@@ -185,26 +185,34 @@ class TrainWorkerKiller(threading.Thread):
         super().__init__(daemon=True)
         self.model_dir, self.after_epoch, self.timeout_s = model_dir, after_epoch, timeout_s
         self.killed_pid = None
+        self.seen: dict = {}  # what the kill saw, for the assertion messages
         self.done = threading.Event()
 
     def _checkpoint_epoch(self) -> int:
-        best = 0
-        for state in self.model_dir.rglob("state.json"):
-            try:
-                best = max(best, int(json.loads(state.read_text())["epoch"]))
-            except (OSError, ValueError, KeyError):  # being written
-                continue
-        return best
+        """The newest epoch whose checkpoint Ray Train's controller has *registered* (its snapshot file), not merely
+        one a worker has written: a worker killed before the controller collected a checkpoint restarts from an
+        older one, or from scratch (seen: killed 0.6 s after writing epoch 2, the run started over at epoch 1)."""
+        try:
+            snapshot = json.loads((self.model_dir / "checkpoint_manager_snapshot.json").read_text())
+            return int(snapshot["latest_checkpoint_result"]["metrics"]["epoch"])
+        except (OSError, ValueError, KeyError, TypeError):  # not written yet, or being written
+            return 0
 
     def run(self):
         deadline = time.monotonic() + self.timeout_s
-        started = _now_ticks()
+        # Train workers of an earlier run in this Ray already carry the title; this run's may be new processes or
+        # idle workers Ray started earlier and now reuses for the actor, so "titled now, not before" is the test
+        # (a start-time filter missed reused workers)
+        earlier = set(train_worker_pids())
         while not self.done.is_set() and time.monotonic() < deadline:
             if self._checkpoint_epoch() >= self.after_epoch:
-                pids = train_worker_pids(started_after=started)
+                pids = [p for p in train_worker_pids() if p not in earlier]
                 if pids:
                     os.kill(max(pids), signal.SIGKILL)
                     self.killed_pid = max(pids)
+                    self.seen = {"checkpoint_epoch": self._checkpoint_epoch(), "candidates": pids,
+                                 "titles": {p: Path(f"/proc/{p}/cmdline").read_bytes()[:60] for p in pids
+                                            if Path(f"/proc/{p}").exists()}}
                     return
             self.done.wait(0.02)
 
@@ -225,24 +233,13 @@ def _descends_from_this_process(pid: int) -> bool:
     return False
 
 
-def _start_ticks(pid) -> int:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return int(stat[stat.rindex(")") + 2:].split()[19])  # field 22, starttime, in clock ticks since boot
-
-
-def _now_ticks() -> int:
-    return int(float(Path("/proc/uptime").read_text().split()[0]) * os.sysconf("SC_CLK_TCK"))
-
-
-def train_worker_pids(started_after: int = 0) -> list[int]:
-    """Processes of this test's Ray whose title Ray set to a Ray Train worker (``ray::RayTrainWorker...``), started
-    after ``started_after`` (clock ticks since boot): a worker of an earlier run in this Ray is not this run's."""
+def train_worker_pids() -> list[int]:
+    """Processes of this test's Ray whose title Ray set to a Ray Train worker (``ray::RayTrainWorker...``)."""
     pids = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
                 if ((proc / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker")
-                        and _start_ticks(proc.name) >= started_after
                         and _descends_from_this_process(int(proc.name))):
                     pids.append(int(proc.name))
             except (OSError, ValueError):
@@ -278,13 +275,13 @@ def head_run(ray_session, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def killed_run(ray_session, tmp_path_factory):
-    """A head-mode run one of whose two workers is killed (SIGKILL) once the epoch-2 checkpoint is written; small
-    batches make an epoch long enough (hundreds of steps) that the kill lands mid-run."""
+    """A head-mode run of 8 epochs, one of whose two workers is killed (SIGKILL) once Ray Train has registered the
+    epoch-2 checkpoint; epochs of ~0.5 s (small batches) leave the kill seconds before the last report."""
     from artsim.mine.stage import run_mine
     from artsim.train.stage import run_train
 
     root = tmp_path_factory.mktemp("killed_run")
-    ctx, tree, _, _ = _head_run_setup(root, epochs=5, batch_size=8)
+    ctx, tree, _, _ = _head_run_setup(root, epochs=8, batch_size=8)
     run_mine(ctx)
     killer = TrainWorkerKiller(root / "models" / "similarity", after_epoch=2)
     killer.start()
@@ -293,7 +290,7 @@ def killed_run(ray_session, tmp_path_factory):
     finally:
         killer.done.set()
         killer.join()
-    return {"ctx": ctx, "summary": summary, "killed_pid": killer.killed_pid}
+    return {"ctx": ctx, "summary": summary, "killed_pid": killer.killed_pid, "seen": killer.seen}
 
 
 @pytest.fixture(scope="module")
@@ -303,17 +300,18 @@ def monkeypatch_module():
     mp.undo()
 
 
-@pytest.mark.xfail(reason="stop 9: under load the SIGKILL can land after Ray Train's last report, so no restart is recorded (seen in the loaded full suite); the kill timing is not yet tied to a state Ray Train has collected; not fixed", strict=False)
 def test_worker_killed_mid_training_resumes_from_last_checkpoint(killed_run):
     summary, ctx = killed_run["summary"], killed_run["ctx"]
     assert killed_run["killed_pid"] is not None  # a live training worker really died
-    # One restart, from a checkpoint (epoch 1 or 2, whichever Ray Train's controller had collected), not from
-    # scratch; then every remaining epoch ran once.
+    # One restart, from the checkpoint Ray Train had registered when the worker died (epoch 2, or a later one it
+    # registered before noticing the death), not from scratch; then every remaining epoch ran once.
     starts = [s["start_epoch"] for s in summary["sessions"]]
-    assert summary["restarts"] == 1 and starts[0] == 1 and starts[1] in (2, 3), starts
-    assert summary["epochs"] == 5
+    seen = killed_run["seen"]
+    assert summary["restarts"] == 1 and starts[0] == 1 and seen["checkpoint_epoch"] + 1 <= starts[1] <= 8, \
+        (starts, seen)
+    assert summary["epochs"] == 8
     history = json.loads(ctx.storage.read_text(f"{ctx.paths.model('similarity')}/history.json"))["history"]
-    assert [h["epoch"] for h in history] == [0, 1, 2, 3, 4, 5]  # each epoch once: nothing redone, nothing lost
+    assert [h["epoch"] for h in history] == list(range(9))  # each epoch once: nothing redone, nothing lost
     assert ctx.storage.read_bytes(f"{ctx.paths.model('similarity')}/recall.png").startswith(b"\x89PNG")
 
 
