@@ -48,6 +48,23 @@ def normalise_type(value) -> str | None:
     return key[:-1] if key.endswith("s") and len(key) > 3 else key or None
 
 
+def met_sources(sample_url: str, more_url: str) -> list[dict]:
+    """The four source files of met_sample + met_more (Met API JSON and 2013-scrape CSV of each), their images served
+    from ``sample_url`` / ``more_url``."""
+    scrape_mapping = {"local_id": "object_id", "title": "title", "creator": "artist", "date": "date",
+                      "medium": "medium", "object_type": "object_type"}
+    sources = [
+        {"kind": "met_api_json", "path": str(MET_SAMPLE / "met_api_objects.json"), "collection": "met"},
+        {"kind": "table", "path": str(MET_SAMPLE / "met_2013_scrape.csv"), "collection": "met2013",
+         "license": "CC0", "mapping": {**scrape_mapping, "subjects": "what_terms"}},
+        {"kind": "met_api_json", "path": str(MET_MORE / "met_api_objects.json"), "collection": "metmore"},
+        {"kind": "table", "path": str(MET_MORE / "met_2013_scrape.csv"), "collection": "metmore2013",
+         "license": "CC0", "mapping": scrape_mapping}]
+    for source, url in zip(sources, [sample_url, sample_url, more_url, more_url]):
+        source["image_url_template"] = f"{url}/met_{{local_id}}.jpg"
+    return sources
+
+
 def colour_histograms(images: list[bytes], bins: int = 8) -> np.ndarray:
     """8x8x8 RGB histograms of the 128 px thumbnails, square-rooted (Hellinger) and L2-normalised."""
     from artsim.models.preprocess import decode_rgb
@@ -139,23 +156,12 @@ def main(argv=None) -> int:
     if not MET_MORE.exists():
         say(f"{MET_MORE} not found: this benchmark needs the shared met_more data")
         return 2
-    scrape_mapping = {"local_id": "object_id", "title": "title", "creator": "artist", "date": "date",
-                      "medium": "medium", "object_type": "object_type"}
     embed = {"model": args.model, "weights": args.weights, "batch_size": 16}
     results: dict = {"model": f"{args.model} ({args.weights})", "k": args.k, "split_seed": args.split_seed,
                      "args": vars(args)}
 
     with serve_directory(MET_SAMPLE / "images") as sample_url, serve_directory(MET_MORE / "images") as more_url:
-        sources = [
-            {"kind": "met_api_json", "path": str(MET_SAMPLE / "met_api_objects.json"), "collection": "met"},
-            {"kind": "table", "path": str(MET_SAMPLE / "met_2013_scrape.csv"), "collection": "met2013",
-             "license": "CC0", "mapping": {**scrape_mapping, "subjects": "what_terms"}},
-            {"kind": "met_api_json", "path": str(MET_MORE / "met_api_objects.json"), "collection": "metmore"},
-            {"kind": "table", "path": str(MET_MORE / "met_2013_scrape.csv"), "collection": "metmore2013",
-             "license": "CC0", "mapping": scrape_mapping},
-        ]
-        for source, url in zip(sources, [sample_url, sample_url, more_url, more_url]):
-            source["image_url_template"] = f"{url}/met_{{local_id}}.jpg"
+        sources = met_sources(sample_url, more_url)
         tree = {"run": {"root": str(Path(args.root) / "all")}, "ray": {"num_cpus": max(2, args.num_workers)},
                 "sources": sources, "embed": embed,
                 "download": {"image_size": 384, "allow_private_addresses": False, "allow_hosts": ["127.0.0.1"]}}

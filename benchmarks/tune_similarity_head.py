@@ -51,7 +51,6 @@ from artsim.train.ray_train import _evaluate  # noqa: E402
 from artsim.train.selection import is_new_best, validation_score  # noqa: E402
 
 ROOT = REPO / "artifacts" / "measure_similarity"
-MET_SAMPLE, MET_MORE = ms.MET_SAMPLE, ms.MET_MORE
 tree = ctx = storage = records = ids = pretrained = pos_of = None
 K = 10
 
@@ -59,17 +58,8 @@ K = 10
 def load(root: Path) -> None:
     global ROOT, tree, ctx, storage, records, ids, pretrained, pos_of
     ROOT = root
-    scrape_mapping = {"local_id": "object_id", "title": "title", "creator": "artist", "date": "date",
-                      "medium": "medium", "object_type": "object_type"}
-    sources = [
-        {"kind": "met_api_json", "path": str(MET_SAMPLE / "met_api_objects.json"), "collection": "met"},
-        {"kind": "table", "path": str(MET_SAMPLE / "met_2013_scrape.csv"), "collection": "met2013",
-         "license": "CC0", "mapping": {**scrape_mapping, "subjects": "what_terms"}},
-        {"kind": "met_api_json", "path": str(MET_MORE / "met_api_objects.json"), "collection": "metmore"},
-        {"kind": "table", "path": str(MET_MORE / "met_2013_scrape.csv"), "collection": "metmore2013",
-         "license": "CC0", "mapping": scrape_mapping}]
-    for source in sources:  # already downloaded by measure_similarity.py: the URLs are never fetched here
-        source["image_url_template"] = "http://127.0.0.1:1/met_{local_id}.jpg"
+    # already downloaded by measure_similarity.py: these URLs are never fetched here
+    sources = ms.met_sources("http://127.0.0.1:1", "http://127.0.0.1:1")
     tree = {"run": {"root": str(ROOT / "all")}, "ray": {"num_cpus": 2},
             "sources": sources, "embed": {"model": "efficientnet_lite0", "weights": "imagenet", "batch_size": 16},
             "download": {"image_size": 384, "allow_private_addresses": False, "allow_hosts": ["127.0.0.1"]}}
