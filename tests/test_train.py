@@ -454,3 +454,19 @@ def test_resuming_a_run_trained_with_other_settings_fails_before_any_worker_star
     with pytest.raises(ConfigError, match=r"^train\.name: the checkpoints of run 'similarity' .* other settings"):
         run_train(RunContext(config_from_dict(tree)))
     assert sorted(head_run["ctx"].storage.list(model_uri)) == before  # nothing started, nothing written
+
+
+def test_preserve_neighbourhoods_trains_through_ray_train(ray_session, tmp_path):
+    """train.preserve_neighbourhoods > 0 runs the frozen start model beside the trained one in the Ray Train
+    workers; the trained one keeps its graph (the start model's no_grad once covered both: every step failed)."""
+    from artsim.mine.stage import run_mine
+    from artsim.train.stage import run_train
+
+    _, tree, _, _ = _head_run_setup(tmp_path, epochs=1, batch_size=64)
+    tree["train"]["preserve_neighbourhoods"] = 1.0
+    ctx = RunContext(config_from_dict(tree))
+    run_mine(ctx)
+    summary = run_train(ctx)
+    assert summary["epochs"] == 1 and summary["restarts"] == 0
+    history = json.loads(ctx.storage.read_text(f"{ctx.paths.model('similarity')}/history.json"))["history"]
+    assert history[-1]["epoch"] == 1 and history[-1]["train_loss"] > 0

@@ -85,8 +85,9 @@ def _build_model(config: dict, payload: dict):
             x = features[torch.from_numpy(objects)]
             if reference is None:
                 return (module or model)(x)
-            with torch.no_grad():
-                return (module or model)(x), reference(x)
+            with torch.no_grad():  # the frozen start model only: the trained one needs its graph
+                start = reference(x)
+            return (module or model)(x), start
 
         return model, encode
 
@@ -121,8 +122,9 @@ def _build_model(config: dict, payload: dict):
         x = normalize(batch.to(device), mean, std)
         if reference is None:
             return (module or model)(x)
-        with torch.no_grad():  # the start model on exactly the same (flipped) pixels
-            return (module or model)(x), reference(x)
+        with torch.no_grad():  # the frozen start model on exactly the same (flipped) pixels; not the trained one
+            start = reference(x)
+        return (module or model)(x), start
 
     return model, encode
 
@@ -219,6 +221,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     model = ray.train.torch.prepare_model(raw_model)  # DDP when world > 1; moves to the worker's device
     module = model.module if hasattr(model, "module") else model  # for evaluation without DDP hooks
+    if reference is not None:  # on the workers' device once, not per batch
+        reference = reference.to(next(module.parameters()).device)
     params = [{"params": [p for n, p in module.named_parameters() if not n.startswith("backbone.")],
                "lr": config["learning_rate"]}]
     backbone_params = [p for n, p in module.named_parameters() if n.startswith("backbone.")]
@@ -250,7 +254,7 @@ def train_loop_per_worker(config: dict) -> None:
             m = len(batch)
             ai, pi, ni = (torch.from_numpy(inverse[i * m:(i + 1) * m]) for i in range(3))
             if reference is not None:
-                emb, start_emb = encode(objects, True, model, reference.to(next(module.parameters()).device))
+                emb, start_emb = encode(objects, True, model, reference)
             else:
                 emb = encode(objects, True, model)
             valid = None
